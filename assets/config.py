@@ -1,0 +1,25 @@
+"""Launchpad config: the core settings models, as Dagster Config (same fields, defaults, docs)."""
+
+import dagster as dg
+
+from orpo_pipeline.config import DataSettings, EvalSettings, ModelSettings, TokenizeSettings, TrainSettings
+
+
+class DataConfig(dg.Config, DataSettings):
+    pass
+
+
+class ModelConfig(dg.Config, ModelSettings):
+    pass
+
+
+class TokenizeConfig(dg.Config, TokenizeSettings):
+    pass
+
+
+class TrainConfig(dg.Config, TrainSettings):
+    pass
+
+
+class EvalConfig(dg.Config, EvalSettings):
+    pass

@@ -1,0 +1,232 @@
+"""Model assets: base model -> ORPO LoRA adapter -> merged weights -> benchmark scores."""
+
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from orpo_pipeline import base_model as base_model_lib
+from orpo_pipeline.plots import curves_png, markdown_image
+from orpo_pipeline.storage import atomic_file, dir_digest
+from resources import GpuResource, MlflowResource, StorageResource
+
+from .config import EvalConfig, ModelConfig, TrainConfig
+
+GROUP = "model"
+TRAIN_CURVES = ["loss", "nll_loss", "log_odds_ratio", "rewards/accuracies", "rewards/margins"]
+STEP_METRICS = TRAIN_CURVES + [
+    "log_odds_chosen", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
+    "grad_norm", "learning_rate", "tokens_per_second", "peak_memory_mb",
+]
+
+
+@dg.asset(group_name=GROUP, kinds={"huggingface", "safetensors"})
+def base_model(context: dg.AssetExecutionContext, config: ModelConfig, storage: StorageResource) -> dict:
+    """The configured base model as a local safetensors folder (the embedded default is converted from GGUF once)."""
+    try:
+        path = base_model_lib.resolve_base_model(config.base_model, storage.model_cache, config.revision)
+    except base_model_lib.BaseModelError as e:
+        raise dg.Failure(str(e)) from e
+    cfg = json.loads((path / "config.json").read_text())
+    context.add_output_metadata(
+        {
+            "base_model": config.base_model,
+            "path": dg.MetadataValue.path(str(path)),
+            "architecture": ", ".join(cfg.get("architectures", [])),
+            "hidden_size": cfg.get("hidden_size", 0),
+            "layers": cfg.get("num_hidden_layers", 0),
+            "vocab_size": cfg.get("vocab_size", 0),
+        }
+    )
+    return {"path": str(path), "name": config.base_model}
+
+
+def _mlflow_step_logger(context: dg.AssetExecutionContext, run_id: str, client):
+    from mlflow.entities import Metric
+    import time
+
+    def on_log(step: int, logs: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in logs.items() if k in STEP_METRICS]
+        if metrics:
+            client.log_batch(run_id, metrics=metrics)
+        if "loss" in logs:
+            context.log.info(
+                f"step {step} ({logs.get('progress', 0):.0%}): loss {logs['loss']:.4f}, "
+                f"nll {logs.get('nll_loss', float('nan')):.4f}, log_odds_ratio {logs.get('log_odds_ratio', float('nan')):.4f}, "
+                f"reward acc {logs.get('rewards/accuracies', float('nan')):.2f}, {logs.get('tokens_per_second', 0):.0f} tok/s"
+            )
+
+    return on_log
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch", "peft"}, pool="gpu")
+def orpo_adapter(
+    context: dg.AssetExecutionContext,
+    config: TrainConfig,
+    tokenized_dataset: dict,
+    base_model: dict,
+    gpu: GpuResource,
+    storage: StorageResource,
+    mlflow_tracking: MlflowResource,
+) -> dict:
+    """LoRA adapter trained with ORPO (TRL) on the tokenized train split; metrics stream to MLflow."""
+    import datasets
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    from orpo_pipeline.config import TrainSettings
+    from orpo_pipeline.training import train_orpo_adapter
+
+    settings = TrainSettings.model_validate(config.model_dump())
+    device = gpu.resolve_device()
+    context.log.info(f"training on {gpu.describe()}")
+    train = datasets.load_from_disk(tokenized_dataset["dir"])["train"]
+    out = storage.artifact_dir("orpo_adapter", context.run.run_id)
+    with mlflow_tracking.active_run(context) as run_id:
+        client = mlflow_tracking.client()
+        mlflow.log_params({f"train.{k}": v for k, v in settings.model_dump().items()})
+        mlflow.log_params({"base_model": base_model["name"], "max_length": tokenized_dataset["max_length"], "device": device})
+        mlflow.log_input(
+            MetaDataset(LocalArtifactDatasetSource(tokenized_dataset["cleaned_dir"]), name="cleaned_preferences",
+                        digest=tokenized_dataset["cleaned_digest"]),
+            context="training",
+        )
+        mlflow.log_input(
+            MetaDataset(LocalArtifactDatasetSource(tokenized_dataset["dir"]), name="tokenized_dataset",
+                        digest=tokenized_dataset["digest"]),
+            context="training",
+        )
+        result = train_orpo_adapter(
+            Path(base_model["path"]), train, out, settings, tokenized_dataset["max_length"], device=device,
+            on_log=_mlflow_step_logger(context, run_id, client),
+        )
+        curves = curves_png(result.history, TRAIN_CURVES, out / "training_curves.png", "ORPO training")
+        mlflow.log_metrics({"train/tokens_per_second": result.tokens_per_second,
+                            "train/peak_memory_mb": result.peak_memory_mb,
+                            "train/runtime_s": result.train_runtime_s})
+        mlflow.log_artifacts(str(out), artifact_path="adapter")
+    if not result.all_losses_finite:
+        raise dg.Failure("training logged a non-finite loss; the adapter was kept for inspection at " + str(out))
+    digest = dir_digest(out)
+    context.add_output_metadata(
+        {
+            "device": result.device,
+            "steps": result.global_steps,
+            "final_loss": next((h["loss"] for h in reversed(result.history) if "loss" in h), float("nan")),
+            "tokens_per_second": round(result.tokens_per_second, 1),
+            "peak_memory_mb": round(result.peak_memory_mb, 1),
+            "runtime_s": round(result.train_runtime_s, 1),
+            "training_curves": dg.MetadataValue.md(markdown_image(curves, "training curves")),
+            "digest": digest,
+            "path": dg.MetadataValue.path(str(out)),
+            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
+        }
+    )
+    return {"dir": str(out), "digest": digest, "mlflow_run_id": run_id, "training_config": settings.model_dump(),
+            "cleaned_digest": tokenized_dataset["cleaned_digest"], "tokenized_digest": tokenized_dataset["digest"]}
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"})
+def merged_model(
+    context: dg.AssetExecutionContext,
+    orpo_adapter: dict,
+    base_model: dict,
+    storage: StorageResource,
+    mlflow_tracking: MlflowResource,
+) -> dict:
+    """Adapter merged into full-precision base weights; logged to MLflow and registered as a new model version."""
+    import mlflow
+
+    from orpo_pipeline.merging import merge_adapter
+
+    from orpo_pipeline.mlflow_model import log_merged_model
+
+    out = storage.artifact_dir("merged_model", context.run.run_id)
+    card = {
+        "name": mlflow_tracking.registered_model_name,
+        "base_model": base_model["name"],
+        "cleaned_digest": orpo_adapter["cleaned_digest"],
+        "tokenized_digest": orpo_adapter["tokenized_digest"],
+        "adapter_digest": orpo_adapter["digest"],
+        "training_config": orpo_adapter["training_config"],
+    }
+    merge_adapter(Path(base_model["path"]), Path(orpo_adapter["dir"]), out, card=card)
+    run_id = orpo_adapter["mlflow_run_id"]
+    mlflow_tracking.client()
+    with mlflow.start_run(run_id=run_id):
+        version = log_merged_model(out, mlflow_tracking.registered_model_name, tags={
+            "dagster.run_id": context.run.run_id,
+            "dagster.asset": context.asset_key.to_user_string(),
+            "base_model": base_model["name"],
+            "cleaned_digest": orpo_adapter["cleaned_digest"],
+            "tokenized_digest": orpo_adapter["tokenized_digest"],
+        })
+    context.add_output_metadata(
+        {
+            "path": dg.MetadataValue.path(str(out)),
+            "registered_model": mlflow_tracking.registered_model_name,
+            "model_version": version,
+            "mlflow_model_version": dg.MetadataValue.url(mlflow_tracking.model_version_url(version)),
+            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
+        }
+    )
+    return {"dir": str(out), "mlflow_run_id": run_id, "model_version": version, "card": card}
+
+
+@dg.asset(group_name=GROUP, kinds={"mlflow"})
+def benchmark_scores(
+    context: dg.AssetExecutionContext,
+    config: EvalConfig,
+    merged_model: dict,
+    base_model: dict,
+    tokenized_dataset: dict,
+    mlflow_tracking: MlflowResource,
+) -> dict:
+    """Held-out preference accuracy, log-odds margin and chosen NLL for base vs tuned model, plus sample generations."""
+    import datasets
+    import mlflow
+
+    from orpo_pipeline.evaluation import benchmark_model
+    from orpo_pipeline.merging import model_card
+
+    eval_data = datasets.load_from_disk(tokenized_dataset["dir"])["eval"]
+    kw = dict(prompts=config.generation_prompts, batch_size=config.batch_size, max_pairs=config.max_eval_pairs,
+              max_new_tokens=config.max_new_tokens)
+    scores = {}
+    for name, path in (("base", base_model["path"]), ("tuned", merged_model["dir"])):
+        context.log.info(f"scoring the {name} model on {min(len(eval_data), config.max_eval_pairs)} held-out pairs")
+        scores[name] = benchmark_model(Path(path), eval_data, **kw)
+    metrics = ["preference_accuracy", "mean_log_odds_margin", "chosen_nll"]
+    table = "| metric | base | tuned |\n|---|---|---|\n" + "\n".join(
+        f"| {m} | {scores['base'][m]:.4f} | {scores['tuned'][m]:.4f} |" for m in metrics
+    )
+    samples = "\n\n".join(
+        f"**{b['prompt']}**\n\n- base: {b['completion']}\n- tuned: {t['completion']}"
+        for b, t in zip(scores["base"]["generations"], scores["tuned"]["generations"])
+    )
+    run_id = merged_model["mlflow_run_id"]
+    client = mlflow_tracking.client()
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({f"eval/{n}/{m}": scores[n][m] for n in scores for m in metrics})
+        mlflow.log_dict(scores, "benchmark_scores.json")
+    for m in metrics:
+        client.set_model_version_tag(mlflow_tracking.registered_model_name, merged_model["model_version"],
+                                     f"eval.{m}", f"{scores['tuned'][m]:.4f}")
+    # the card written at merge time cannot know the scores yet
+    card = dict(merged_model["card"], scores={f"{n}/{m}": round(scores[n][m], 4) for n in scores for m in metrics})
+    with atomic_file(Path(merged_model["dir"]) / "README.md") as tmp:
+        tmp.write_text(model_card(card))
+    context.add_output_metadata(
+        {
+            "scores": dg.MetadataValue.md(table),
+            "generations": dg.MetadataValue.md(samples),
+            "base_preference_accuracy": scores["base"]["preference_accuracy"],
+            "tuned_preference_accuracy": scores["tuned"]["preference_accuracy"],
+            "eval_pairs": scores["tuned"]["pairs"],
+            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
+        }
+    )
+    return {n: {m: scores[n][m] for m in metrics + ["pairs"]} for n in scores}

@@ -1,0 +1,62 @@
+"""Merge a LoRA adapter into full-precision base weights and save a standalone model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .storage import atomic_dir
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, output_dir: Path, dtype: str = "auto", card: dict | None = None) -> Path:
+    """Load the base in bf16/fp32 (never 4-bit), merge_and_unload, save safetensors + tokenizer + card."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                   "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    with atomic_dir(Path(output_dir)) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(card or {}))
+    return Path(output_dir)
+
+
+def model_card(card: dict) -> str:
+    scores = card.get("scores") or {}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [orpo, lora, trl, peft, orpo_pipeline]",
+        f"base_model: {card.get('base_model', 'unknown')}",
+        "---",
+        "",
+        f"# {card.get('name', 'ORPO-tuned model')}",
+        "",
+        "Trained with ORPO (odds ratio preference optimization, arXiv 2403.07691) as a LoRA adapter, "
+        "then merged into the base weights by orpo_pipeline.",
+        "",
+        f"- Base model: `{card.get('base_model', 'unknown')}`",
+        f"- Cleaned data digest: `{card.get('cleaned_digest', '')}`",
+        f"- Tokenized data digest: `{card.get('tokenized_digest', '')}`",
+        f"- Adapter digest: `{card.get('adapter_digest', '')}`",
+        "",
+        "## Training configuration",
+        "",
+        "```json",
+        json.dumps(card.get("training_config", {}), indent=2, sort_keys=True),
+        "```",
+        "",
+        "## Scores",
+        "",
+    ]
+    if scores:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(scores.items())]
+    else:
+        lines.append("Scored by the `benchmark_scores` asset after merging; see MLflow for the figures.")
+    return "\n".join(lines) + "\n"

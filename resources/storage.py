@@ -1,0 +1,31 @@
+"""Where large artifacts live: one folder per asset and Dagster run, written atomically."""
+
+
+import os
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_state_dir() -> str:
+    return os.environ.get("ORPO_PIPELINE_HOME", str(PROJECT_ROOT / "state"))
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Root folder for artifacts, the model cache and the default MLflow store."""
+
+    root: str = Field(default_factory=default_state_dir, description="State directory (env ORPO_PIPELINE_HOME).")
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root).expanduser().resolve()
+
+    def artifact_dir(self, asset: str, version: str) -> Path:
+        return self.root_path / "artifacts" / asset / version
+
+    @property
+    def model_cache(self) -> Path:
+        return self.root_path / "models"
