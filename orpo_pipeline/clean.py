@@ -165,4 +165,4 @@ def table_digest(kept: pl.DataFrame) -> str:
     import hashlib
 
     keys = kept.select(pl.format("{}:{}", "split", "content_hash")).to_series().sort().to_list()
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:32]  # MLflow caps dataset digests at 36 chars

@@ -1,0 +1,119 @@
+"""The whole asset graph, materialized on a real Dagster instance against a real MLflow SQLite store."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import datasets
+import mlflow
+import polars as pl
+import pytest
+
+from orpo_pipeline.definitions import all_assets, all_checks
+from resources import GpuResource, MlflowResource, StorageResource
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_model_dir, model_cache):
+    state = tmp_path_factory.mktemp("state")
+    resources = {
+        "storage": StorageResource(root=str(state)),
+        "gpu": GpuResource(device="cpu"),
+        "mlflow_tracking": MlflowResource(state_dir=str(state), registered_model_name="tiny-orpo"),
+    }
+    # the model cache is shared so the tiny model and the GGUF conversion are built once per session
+    (state / "models").symlink_to(model_cache, target_is_directory=True)
+    run_config = {
+        "ops": {
+            "base_model": {"config": {"base_model": "tiny-random-llama"}},
+            "tokenized_dataset": {"config": {"max_length": 256}},
+            "orpo_adapter": {"config": {"max_steps": 4, "logging_steps": 1, "per_device_train_batch_size": 4}},
+            "benchmark_scores": {"config": {"max_eval_pairs": 16, "max_new_tokens": 4}},
+        }
+    }
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [*all_assets, *all_checks], resources=resources, run_config=run_config, instance=instance
+        )
+        materializations = {
+            m.asset_key.to_user_string(): m.metadata
+            for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())
+        }
+        yield result, materializations, resources["mlflow_tracking"], state
+
+
+ASSETS = ["raw_preferences", "cleaned_preferences", "tokenized_dataset", "base_model", "orpo_adapter", "merged_model",
+          "benchmark_scores"]
+
+
+def test_every_asset_materializes_and_checks_pass(pipeline_run):
+    result, mats, _, _ = pipeline_run
+    assert result.success
+    assert sorted(mats) == sorted(ASSETS)
+    evaluations = result.get_asset_check_evaluations()
+    assert len(evaluations) == 3 and all(c.passed for c in evaluations)
+
+
+def test_artifacts_exist_and_load(pipeline_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result, mats, _, state = pipeline_run
+    cleaned = result.output_for_node("cleaned_preferences")
+    rejects = pl.read_parquet(cleaned["rejects"])
+    kept = pl.read_parquet(cleaned["train"]).height + pl.read_parquet(cleaned["eval"]).height
+    assert kept + rejects.height == mats["raw_preferences"]["rows"].value
+    assert set(rejects["reason"]) >= {"unparseable", "duplicate_pair", "chosen_equals_rejected"}
+
+    tokenized = datasets.load_from_disk(result.output_for_node("tokenized_dataset")["dir"])
+    assert len(tokenized["train"]) == cleaned["train_pairs"] and len(tokenized["eval"]) == cleaned["eval_pairs"]
+
+    base = result.output_for_node("base_model")["path"]
+    adapter = result.output_for_node("orpo_adapter")["dir"]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    assert any("lora" in n for n, _ in peft_model.named_parameters())
+
+    merged_dir = Path(result.output_for_node("merged_model")["dir"])
+    model = AutoModelForCausalLM.from_pretrained(merged_dir)
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    assert model.config.vocab_size == len(tok)
+    card = (merged_dir / "README.md").read_text()
+    assert "tiny-random-llama" in card and "preference_accuracy" in card
+    # no temp folders left behind by atomic writes
+    assert not list(state.glob("artifacts/*/.*tmp*"))
+
+
+def test_mlflow_has_run_metrics_inputs_and_registered_version(pipeline_run):
+    result, mats, tracking, _ = pipeline_run
+    client = tracking.client()
+    run_id = result.output_for_node("orpo_adapter")["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.data.tags["dagster.run_id"] == result.run_id
+    assert set(run.data.tags["dagster.assets"].split(",")) >= {"cleaned_preferences", "orpo_adapter"}
+    assert run.data.params["train.beta"] == "0.1"
+    for key in ["loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
+                "rewards/accuracies", "rewards/margins", "tokens_per_second", "peak_memory_mb"]:
+        history = client.get_metric_history(run_id, key)
+        assert len(history) == 4, key  # logged at every one of the 4 steps
+    assert "eval/tuned/preference_accuracy" in run.data.metrics
+    inputs = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert inputs["cleaned_preferences"] == mats["cleaned_preferences"]["digest"].value
+    assert inputs["tokenized_dataset"] == mats["tokenized_dataset"]["digest"].value
+    versions = client.search_model_versions("name='tiny-orpo'")
+    assert len(versions) == 1 and versions[0].run_id == run_id
+    assert versions[0].tags["tokenized_digest"] == mats["tokenized_dataset"]["digest"].value
+    assert "eval.preference_accuracy" in versions[0].tags
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"adapter", "benchmark_scores.json"} <= artifacts
+    # every asset that talks to MLflow links its run
+    for name in ["cleaned_preferences", "orpo_adapter", "merged_model", "benchmark_scores"]:
+        assert run_id in mats[name]["mlflow_run"].value
+
+
+def test_benchmark_scores_compare_base_and_tuned(pipeline_run):
+    result, mats, _, _ = pipeline_run
+    scores = result.output_for_node("benchmark_scores")
+    for name in ("base", "tuned"):
+        assert 0.0 <= scores[name]["preference_accuracy"] <= 1.0
+        assert scores[name]["chosen_nll"] > 0 and scores[name]["pairs"] == 16
+    assert "| preference_accuracy |" in mats["benchmark_scores"]["scores"].value
