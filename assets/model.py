@@ -22,15 +22,19 @@ STEP_METRICS = TRAIN_CURVES + [
 
 
 @dg.asset(group_name=GROUP, kinds={"huggingface", "safetensors"})
-def base_model(context: dg.AssetExecutionContext, config: ModelConfig, storage: StorageResource) -> dict:
+def base_model(
+    context: dg.AssetExecutionContext, config: ModelConfig, storage: StorageResource, mlflow_tracking: MlflowResource
+) -> dict:
     """The configured base model as a local safetensors folder (the embedded default is converted from GGUF once)."""
     try:
         path = base_model_lib.resolve_base_model(config.base_model, storage.model_cache, config.revision)
     except base_model_lib.BaseModelError as e:
         raise dg.Failure(str(e)) from e
     cfg = json.loads((path / "config.json").read_text())
+    run_id = mlflow_tracking.run_id_for(context.run.run_id, context.asset_key.to_user_string())
     context.add_output_metadata(
         {
+            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
             "base_model": config.base_model,
             "path": dg.MetadataValue.path(str(path)),
             "architecture": ", ".join(cfg.get("architectures", [])),

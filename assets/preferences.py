@@ -18,7 +18,9 @@ GROUP = "preferences"
 
 
 @dg.asset(group_name=GROUP, kinds={"polars", "parquet"})
-def raw_preferences(context: dg.AssetExecutionContext, config: DataConfig, storage: StorageResource) -> dict:
+def raw_preferences(
+    context: dg.AssetExecutionContext, config: DataConfig, storage: StorageResource, mlflow_tracking: MlflowResource
+) -> dict:
     """Every record of the configured preference files (or Hugging Face dataset), parsed; bad records keep their error."""
     if config.hf_dataset:
         raw = ingest.read_hf_dataset(config.hf_dataset, config.hf_split, config.hf_config)
@@ -33,8 +35,11 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DataConfig, stora
     per_source = raw.group_by("source_file", maintain_order=True).agg(
         rows=pl.len(), unparseable=pl.col("error").is_not_null().sum()
     )
+    run_id = mlflow_tracking.run_id_for(context.run.run_id, context.asset_key.to_user_string())
+    mlflow_tracking.client().log_param(run_id, "data.origin", origin)
     context.add_output_metadata(
         {
+            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
             "origin": origin,
             "rows": len(raw),
             "unparseable": int(raw["error"].is_not_null().sum()),
@@ -142,6 +147,7 @@ def tokenized_dataset(
     cleaned_preferences: dict,
     base_model: dict,
     storage: StorageResource,
+    mlflow_tracking: MlflowResource,
 ) -> dict:
     """Chat-templated, tokenized train/eval splits in the trainer's layout; pairs that cannot fit are dropped with a reason."""
     import datasets
@@ -165,6 +171,13 @@ def tokenized_dataset(
         hist = _token_histogram(splits["train"].dataset, tmp / "token_lengths.png")
         write_json(tmp / "tokenize_config.json", kwargs | {"digest": digest, "base_model": base_model["path"]})
     train = splits["train"].dataset
+    with mlflow_tracking.active_run(context) as run_id:
+        import mlflow
+
+        mlflow.log_metrics({"data/truncated_prompt": sum(t.truncated_prompt for t in splits.values()),
+                            "data/truncated_completion": sum(t.truncated_completion for t in splits.values()),
+                            "data/dropped_does_not_fit": len(dropped)})
+        mlflow.log_artifact(str(out / hist.name), artifact_path="data_quality")
     context.add_output_metadata(
         {
             "train_pairs": len(train),
@@ -176,6 +189,7 @@ def tokenized_dataset(
             "token_length_histogram": dg.MetadataValue.md(markdown_image(out / hist.name, "token lengths")),
             "digest": digest,
             "path": dg.MetadataValue.path(str(out)),
+            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         }
     )
     return {"dir": str(out / "dataset"), "digest": digest, "max_length": config.max_length,

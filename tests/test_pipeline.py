@@ -106,7 +106,7 @@ def test_mlflow_has_run_metrics_inputs_and_registered_version(pipeline_run):
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"adapter", "benchmark_scores.json"} <= artifacts
     # every asset that talks to MLflow links its run
-    for name in ["cleaned_preferences", "orpo_adapter", "merged_model", "benchmark_scores"]:
+    for name in ASSETS:
         assert run_id in mats[name]["mlflow_run"].value
 
 
