@@ -76,18 +76,15 @@ def orpo_adapter(
     mlflow_tracking: MlflowResource,
 ) -> dict:
     """LoRA adapter trained with ORPO (TRL) on the tokenized train split; metrics stream to MLflow."""
-    import datasets
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
     from orpo_pipeline.config import TrainSettings
-    from orpo_pipeline.training import train_orpo_adapter
 
     settings = TrainSettings.model_validate(config.model_dump())
     device = gpu.resolve_device()
     context.log.info(f"training on {gpu.describe()}")
-    train = datasets.load_from_disk(tokenized_dataset["dir"])["train"]
     out = storage.artifact_dir("orpo_adapter", context.run.run_id)
     with mlflow_tracking.active_run(context) as run_id:
         client = mlflow_tracking.client()
@@ -103,8 +100,9 @@ def orpo_adapter(
                         digest=tokenized_dataset["digest"]),
             context="training",
         )
-        result = train_orpo_adapter(
-            Path(base_model["path"]), train, out, settings, tokenized_dataset["max_length"], device=device,
+        result = gpu.train(
+            context, model_dir=Path(base_model["path"]), train_dataset_dir=Path(tokenized_dataset["dir"]) / "train",
+            output_dir=out, settings=settings, max_length=tokenized_dataset["max_length"],
             on_log=_mlflow_step_logger(context, run_id, client),
         )
         curves = curves_png(result.history, TRAIN_CURVES, out / "training_curves.png", "ORPO training")

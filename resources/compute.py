@@ -1,6 +1,7 @@
 """The compute runtime training runs on: CUDA when there is one, else CPU."""
 
 
+from pathlib import Path
 from typing import Literal
 
 import dagster as dg
@@ -21,6 +22,17 @@ class GpuResource(dg.ConfigurableResource):
         from orpo_pipeline.training import pick_device
 
         return pick_device(self.device)
+
+    def train(self, context: dg.AssetExecutionContext, *, model_dir: Path, train_dataset_dir: Path, output_dir: Path,
+              settings, max_length: int, on_log=None, adapter_init: Path | None = None):
+        """Train an ORPO LoRA adapter on this runtime and return the core's TrainResult."""
+        import datasets
+
+        from orpo_pipeline.training import train_orpo_adapter
+
+        train = datasets.load_from_disk(str(train_dataset_dir))
+        return train_orpo_adapter(Path(model_dir), train, Path(output_dir), settings, max_length,
+                                  device=self.resolve_device(), on_log=on_log, adapter_init=adapter_init)
 
     def describe(self) -> str:
         import torch
