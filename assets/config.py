@@ -18,7 +18,7 @@ class TokenizeConfig(dg.Config, TokenizeSettings):
 
 
 class TrainConfig(dg.Config, TrainSettings):
-    pass
+    init_from_champion: bool = False  # continue from the champion's adapter instead of a fresh LoRA
 
 
 class EvalConfig(dg.Config, EvalSettings):

@@ -82,7 +82,15 @@ def orpo_adapter(
 
     from orpo_pipeline.config import TrainSettings
 
-    settings = TrainSettings.model_validate(config.model_dump())
+    settings = TrainSettings.model_validate(config.model_dump(exclude={"init_from_champion"}))
+    adapter_init = None
+    if config.init_from_champion:
+        champion = mlflow_tracking.champion()
+        if champion is None:
+            context.log.info("init_from_champion: no champion yet, starting from the base model")
+        else:
+            adapter_init = Path(mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path="adapter"))
+            context.log.info(f"starting from the adapter of champion version {champion.version}")
     device = gpu.resolve_device()
     context.log.info(f"training on {gpu.describe()}")
     out = storage.artifact_dir("orpo_adapter", context.run.run_id)
@@ -90,11 +98,15 @@ def orpo_adapter(
         client = mlflow_tracking.client()
         mlflow.log_params({f"train.{k}": v for k, v in settings.model_dump().items()})
         mlflow.log_params({"base_model": base_model["name"], "max_length": tokenized_dataset["max_length"], "device": device})
-        mlflow.log_input(
-            MetaDataset(LocalArtifactDatasetSource(tokenized_dataset["cleaned_dir"]), name="cleaned_preferences",
-                        digest=tokenized_dataset["cleaned_digest"]),
-            context="training",
-        )
+        # one input per preference file (= partition), so a model version walks back to the files it learned from
+        for src in tokenized_dataset["sources"]:
+            mlflow.log_input(
+                MetaDataset(LocalArtifactDatasetSource(src["path"]), name=src["name"], digest=src["digest"][:32]),
+                context="training",
+                tags={"dagster.partition_key": src["partition_key"], "file_sha256": src["digest"]},
+            )
+        mlflow.set_tags({"dagster.partition_keys": ",".join(s["partition_key"] for s in tokenized_dataset["sources"]),
+                         "cleaned_digest": tokenized_dataset["cleaned_digest"]})
         mlflow.log_input(
             MetaDataset(LocalArtifactDatasetSource(tokenized_dataset["dir"]), name="tokenized_dataset",
                         digest=tokenized_dataset["digest"]),
@@ -103,7 +115,7 @@ def orpo_adapter(
         result = gpu.train(
             context, model_dir=Path(base_model["path"]), train_dataset_dir=Path(tokenized_dataset["dir"]) / "train",
             output_dir=out, settings=settings, max_length=tokenized_dataset["max_length"],
-            on_log=_mlflow_step_logger(context, run_id, client),
+            on_log=_mlflow_step_logger(context, run_id, client), adapter_init=adapter_init,
         )
         curves = curves_png(result.history, TRAIN_CURVES, out / "training_curves.png", "ORPO training")
         mlflow.log_metrics({"train/tokens_per_second": result.tokens_per_second,
@@ -128,6 +140,7 @@ def orpo_adapter(
         }
     )
     return {"dir": str(out), "digest": digest, "mlflow_run_id": run_id, "training_config": settings.model_dump(),
+            "partition_keys": ",".join(s["partition_key"] for s in tokenized_dataset["sources"]),
             "cleaned_digest": tokenized_dataset["cleaned_digest"], "tokenized_digest": tokenized_dataset["digest"]}
 
 
@@ -165,6 +178,8 @@ def merged_model(
             "base_model": base_model["name"],
             "cleaned_digest": orpo_adapter["cleaned_digest"],
             "tokenized_digest": orpo_adapter["tokenized_digest"],
+            "dagster.partition_keys": orpo_adapter["partition_keys"],
+            "merged_dir": str(out),
         })
     context.add_output_metadata(
         {
@@ -197,13 +212,19 @@ def benchmark_scores(
     eval_data = datasets.load_from_disk(tokenized_dataset["dir"])["eval"]
     kw = dict(prompts=config.generation_prompts, batch_size=config.batch_size, max_pairs=config.max_eval_pairs,
               max_new_tokens=config.max_new_tokens)
+    models = [("base", base_model["path"]), ("tuned", merged_model["dir"])]
+    champion = mlflow_tracking.champion()
+    if champion is not None and str(champion.version) != str(merged_model["model_version"]):
+        # re-scored on today's eval split: a score from an older, smaller split would not be comparable
+        models.append(("champion", str(mlflow_tracking.model_dir_of(champion))))
     scores = {}
-    for name, path in (("base", base_model["path"]), ("tuned", merged_model["dir"])):
+    for name, path in models:
         context.log.info(f"scoring the {name} model on {min(len(eval_data), config.max_eval_pairs)} held-out pairs")
         scores[name] = benchmark_model(Path(path), eval_data, **kw)
     metrics = ["preference_accuracy", "mean_log_odds_margin", "chosen_nll"]
-    table = "| metric | base | tuned |\n|---|---|---|\n" + "\n".join(
-        f"| {m} | {scores['base'][m]:.4f} | {scores['tuned'][m]:.4f} |" for m in metrics
+    names = list(scores)
+    table = f"| metric | {' | '.join(names)} |\n|---|{'---|' * len(names)}\n" + "\n".join(
+        f"| {m} | " + " | ".join(f"{scores[n][m]:.4f}" for n in names) + " |" for m in metrics
     )
     samples = "\n\n".join(
         f"**{b['prompt']}**\n\n- base: {b['completion']}\n- tuned: {t['completion']}"
@@ -231,4 +252,8 @@ def benchmark_scores(
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         }
     )
-    return {n: {m: scores[n][m] for m in metrics + ["pairs"]} for n in scores}
+    out = {n: {m: scores[n][m] for m in metrics + ["pairs"]} for n in scores}
+    out["model_version"] = str(merged_model["model_version"])
+    out["champion_version"] = str(champion.version) if champion is not None else None
+    out["mlflow_run_id"] = run_id
+    return out

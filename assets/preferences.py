@@ -1,134 +1,154 @@
-"""Preference data assets: raw files -> cleaned polars tables -> tokenized Arrow dataset."""
-
+"""Preference data assets: raw files -> cleaned polars tables (one partition per file) -> tokenized Arrow dataset."""
 
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
-from orpo_pipeline import clean, ingest, tokenization
-from orpo_pipeline.config import SAMPLE_DATA_DIR
+from orpo_pipeline import clean, drops, ingest, tokenization
 from orpo_pipeline.plots import histograms_png, markdown_image, markdown_table
 from orpo_pipeline.storage import atomic_dir, write_json
 from resources import MlflowResource, StorageResource
 
 from .config import DataConfig, TokenizeConfig
+from .partitions import preference_files, registered_keys
 
 GROUP = "preferences"
+ONE_RUN = dg.BackfillPolicy.single_run()
 
 
-@dg.asset(group_name=GROUP, kinds={"polars", "parquet"})
+@dg.asset(group_name=GROUP, kinds={"polars", "parquet"}, partitions_def=preference_files, backfill_policy=ONE_RUN)
 def raw_preferences(
     context: dg.AssetExecutionContext, config: DataConfig, storage: StorageResource, mlflow_tracking: MlflowResource
-) -> dict:
-    """Every record of the configured preference files (or Hugging Face dataset), parsed; bad records keep their error."""
-    if config.hf_dataset:
-        raw = ingest.read_hf_dataset(config.hf_dataset, config.hf_split, config.hf_config)
-        origin = f"hf:{config.hf_dataset}[{config.hf_split}]"
-    else:
-        data_dir = Path(config.data_dir).expanduser() if config.data_dir else SAMPLE_DATA_DIR
-        raw = ingest.read_preference_dir(data_dir)
-        origin = str(data_dir.resolve())
-    out = storage.artifact_dir("raw_preferences", context.run.run_id)
-    with atomic_dir(out) as tmp:
-        raw.write_parquet(tmp / "raw.parquet")
-    per_source = raw.group_by("source_file", maintain_order=True).agg(
-        rows=pl.len(), unparseable=pl.col("error").is_not_null().sum()
-    )
+) -> dg.MaterializeResult:
+    """Every record of one preference file, parsed; records that cannot be read keep their error (file, row, field)."""
+    rows = []
+    for key in context.partition_keys:
+        src = drops.load_source(storage.sources_path, key)
+        try:
+            raw = ingest.records_to_table(ingest.iter_records(src.path), src.name)
+        except ingest.PreferenceFormatError as e:
+            raise dg.Failure(f"partition {key} ({src.name}): {e}") from e
+        with atomic_dir(storage.partition_dir("raw_preferences", key)) as tmp:
+            raw.write_parquet(tmp / "raw.parquet")
+        rows.append({"partition": key, "file": src.name, "rows": len(raw),
+                     "unparseable": int(raw["error"].is_not_null().sum())})
+    table = pl.DataFrame(rows)
     run_id = mlflow_tracking.run_id_for(context.run.run_id, context.asset_key.to_user_string())
-    mlflow_tracking.client().log_param(run_id, "data.origin", origin)
-    context.add_output_metadata(
-        {
+    return dg.MaterializeResult(
+        metadata={
+            "rows": int(table["rows"].sum()),
+            "unparseable": int(table["unparseable"].sum()),
+            "files": dg.MetadataValue.md(markdown_table(table)),
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
-            "origin": origin,
-            "rows": len(raw),
-            "unparseable": int(raw["error"].is_not_null().sum()),
-            "sources": dg.MetadataValue.md(markdown_table(per_source)),
-            "path": dg.MetadataValue.path(str(out)),
         }
     )
-    return {"path": str(out / "raw.parquet"), "rows": len(raw), "origin": origin}
 
 
-@dg.asset(group_name=GROUP, kinds={"polars", "parquet"})
+def _known_hashes(storage: StorageResource, earlier: list[str]) -> pl.Series | None:
+    files = [storage.partition_dir("cleaned_preferences", k) / "kept_hashes.parquet" for k in earlier]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        return None
+    return pl.scan_parquet(files).select("content_hash").collect().to_series()
+
+
+@dg.asset(group_name=GROUP, kinds={"polars", "parquet"}, partitions_def=preference_files, backfill_policy=ONE_RUN,
+          deps=[raw_preferences])
 def cleaned_preferences(
     context: dg.AssetExecutionContext,
     config: DataConfig,
-    raw_preferences: dict,
     storage: StorageResource,
     mlflow_tracking: MlflowResource,
-) -> dict:
-    """One row per usable pair, with source and content hash, split train/eval by prompt hash; rejects kept with reasons."""
-    raw = pl.read_parquet(raw_preferences["path"])
-    result = clean.clean_preferences(raw, eval_fraction=config.eval_fraction)
-    if len(raw) != len(result.kept) + len(result.rejects):
-        raise dg.Failure(f"row accounting broke: {len(raw)} in, {len(result.kept)} kept + {len(result.rejects)} rejected")
-    for row in result.rejects.filter(pl.col("reason") == "unparseable").head(20).iter_rows(named=True):
-        context.log.warning(f"rejected {row['detail']}")
-    digest = clean.table_digest(result.kept)
-    out = storage.artifact_dir("cleaned_preferences", context.run.run_id)
-    with atomic_dir(out) as tmp:
-        result.train.write_parquet(tmp / "train.parquet")
-        result.eval.write_parquet(tmp / "eval.parquet")
-        result.rejects.write_parquet(tmp / "rejects.parquet")
-        write_json(tmp / "summary.json", {"digest": digest, "reasons": result.reason_counts()})
-    counts = result.reason_counts()
-    stats = clean.length_stats(result.kept)
+) -> dg.MaterializeResult:
+    """Usable pairs of one file (normalized, deduplicated against every earlier file, split by prompt hash); rejects kept with reasons."""
+    order = registered_keys(context.instance)
+    summary = []
+    for key in sorted(context.partition_keys, key=order.index):
+        raw = pl.read_parquet(storage.partition_dir("raw_preferences", key) / "raw.parquet")
+        known = _known_hashes(storage, order[: order.index(key)])
+        result = clean.clean_preferences(raw, eval_fraction=config.eval_fraction, known_hashes=known)
+        if len(raw) != len(result.kept) + len(result.rejects):
+            raise dg.Failure(f"row accounting broke in {key}: {len(raw)} in, {len(result.kept)} + {len(result.rejects)}")
+        for row in result.rejects.filter(pl.col("reason") == "unparseable").head(20).iter_rows(named=True):
+            context.log.warning(f"rejected {row['detail']}")
+        counts = result.reason_counts()
+        with atomic_dir(storage.partition_dir("cleaned_preferences", key)) as tmp:
+            result.train.write_parquet(tmp / "train.parquet")
+            result.eval.write_parquet(tmp / "eval.parquet")
+            result.rejects.write_parquet(tmp / "rejects.parquet")
+            result.kept.select("content_hash").write_parquet(tmp / "kept_hashes.parquet")
+            write_json(tmp / "summary.json", {"digest": clean.table_digest(result.kept), "rows_in": len(raw),
+                                              "kept": len(result.kept), "reasons": counts})
+        summary.append({"partition": key, "file": str(raw["source_file"].first() or ""), "rows_in": len(raw),
+                        "kept": len(result.kept), "train": len(result.train), "eval": len(result.eval),
+                        "rejected": len(result.rejects), **counts})
+    table = pl.DataFrame(summary)
+    reasons = {r: int(table[r].sum()) for r in clean.REASONS}
     with mlflow_tracking.active_run(context) as run_id:
         import mlflow
 
-        mlflow.log_metrics({f"data/rejected_{k}": v for k, v in counts.items()})
-        mlflow.log_metrics({"data/train_pairs": len(result.train), "data/eval_pairs": len(result.eval)})
-    context.add_output_metadata(
-        {
-            "rows_in": len(raw),
-            "kept": len(result.kept),
-            "rejected": len(result.rejects),
-            "train_pairs": len(result.train),
-            "eval_pairs": len(result.eval),
-            "rejected_by_reason": dg.MetadataValue.json(counts),
-            "length_chars": dg.MetadataValue.json(stats),
-            "digest": digest,
-            "rejects_preview": dg.MetadataValue.md(markdown_table(result.rejects.select("reason", "detail").head(15))),
-            "path": dg.MetadataValue.path(str(out)),
+        mlflow.log_metrics({f"data/rejected_{k}": v for k, v in reasons.items()})
+        mlflow.log_metrics({"data/kept_pairs": int(table["kept"].sum())})
+    return dg.MaterializeResult(
+        metadata={
+            "rows_in": int(table["rows_in"].sum()),
+            "kept": int(table["kept"].sum()),
+            "rejected": int(table["rejected"].sum()),
+            "rejected_by_reason": dg.MetadataValue.json(reasons),
+            "per_file": dg.MetadataValue.md(markdown_table(table)),
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         }
     )
-    return {
-        "dir": str(out),
-        "train": str(out / "train.parquet"),
-        "eval": str(out / "eval.parquet"),
-        "rejects": str(out / "rejects.parquet"),
-        "digest": digest,
-        "train_pairs": len(result.train),
-        "eval_pairs": len(result.eval),
-    }
 
 
-@dg.asset_check(asset=cleaned_preferences, blocking=True)
-def cleaned_not_empty(cleaned_preferences: dict) -> dg.AssetCheckResult:
-    n = cleaned_preferences["train_pairs"]
-    return dg.AssetCheckResult(passed=n > 0 and cleaned_preferences["eval_pairs"] > 0,
-                               metadata={"train_pairs": n, "eval_pairs": cleaned_preferences["eval_pairs"]})
+def accepted_partitions(instance: dg.DagsterInstance, storage: StorageResource) -> list[tuple[str, Path]]:
+    """Registered partitions that have been cleaned, in registration order."""
+    out = []
+    for key in registered_keys(instance):
+        folder = storage.partition_dir("cleaned_preferences", key)
+        if (folder / "summary.json").is_file():
+            out.append((key, folder))
+    return out
 
 
-@dg.asset_check(asset=cleaned_preferences, blocking=True)
-def cleaned_has_no_nulls(cleaned_preferences: dict) -> dg.AssetCheckResult:
+def _read_all(parts: list[tuple[str, Path]], split: str, columns=None) -> pl.DataFrame:
+    frames = [pl.read_parquet(folder / f"{split}.parquet", columns=columns) for _, folder in parts]
+    return pl.concat(frames) if frames else pl.DataFrame()
+
+
+@dg.asset_check(asset=cleaned_preferences, blocking=True, description="At least one train and one eval pair, over all files.")
+def cleaned_not_empty(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    parts = accepted_partitions(context.instance, storage)
+    n_train, n_eval = len(_read_all(parts, "train", ["split"])), len(_read_all(parts, "eval", ["split"]))
+    return dg.AssetCheckResult(passed=n_train > 0 and n_eval > 0, metadata={"train_pairs": n_train, "eval_pairs": n_eval})
+
+
+@dg.asset_check(asset=cleaned_preferences, blocking=True, description="No nulls in any kept column, over all files.")
+def cleaned_has_no_nulls(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    parts = accepted_partitions(context.instance, storage)
     cols = ["prompt", "chosen", "rejected", "source_file", "source_row", "content_hash", "split"]
-    nulls = {}
+    nulls: dict[str, int] = {}
     for split in ("train", "eval"):
-        df = pl.read_parquet(cleaned_preferences[split], columns=cols)
-        for c, n in df.null_count().row(0, named=True).items():
-            nulls[c] = nulls.get(c, 0) + n
+        df = _read_all(parts, split, cols)
+        if len(df):
+            for c, n in df.null_count().row(0, named=True).items():
+                nulls[c] = nulls.get(c, 0) + n
     return dg.AssetCheckResult(passed=sum(nulls.values()) == 0, metadata={"nulls": dg.MetadataValue.json(nulls)})
 
 
-@dg.asset_check(asset=cleaned_preferences, blocking=True)
-def no_train_eval_prompt_overlap(cleaned_preferences: dict) -> dg.AssetCheckResult:
-    train = pl.read_parquet(cleaned_preferences["train"], columns=["prompt_hash"])
-    eval_ = pl.read_parquet(cleaned_preferences["eval"], columns=["prompt_hash"])
-    overlap = train.join(eval_, on="prompt_hash", how="semi").n_unique()
-    return dg.AssetCheckResult(passed=overlap == 0, metadata={"shared_prompts": overlap})
+@dg.asset_check(asset=cleaned_preferences, blocking=True, description="No prompt in both train and eval; no pair twice.")
+def no_train_eval_prompt_overlap(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    parts = accepted_partitions(context.instance, storage)
+    train = _read_all(parts, "train", ["prompt_hash", "content_hash"])
+    eval_ = _read_all(parts, "eval", ["prompt_hash", "content_hash"])
+    if not len(train) or not len(eval_):
+        return dg.AssetCheckResult(passed=True, metadata={"shared_prompts": 0, "duplicate_pairs": 0})
+    overlap = train.join(eval_, on="prompt_hash", how="semi")["prompt_hash"].n_unique()
+    both = pl.concat([train, eval_])
+    dupes = len(both) - both["content_hash"].n_unique()
+    return dg.AssetCheckResult(passed=overlap == 0 and dupes == 0,
+                               metadata={"shared_prompts": overlap, "duplicate_pairs": dupes})
 
 
 def _token_histogram(dataset, out: Path) -> Path:
@@ -140,24 +160,27 @@ def _token_histogram(dataset, out: Path) -> Path:
     return histograms_png(series, out, "Token lengths after truncation (train)", "tokens")
 
 
-@dg.asset(group_name=GROUP, kinds={"huggingface", "arrow"})
+@dg.asset(group_name=GROUP, kinds={"huggingface", "arrow"}, deps=[cleaned_preferences])
 def tokenized_dataset(
     context: dg.AssetExecutionContext,
     config: TokenizeConfig,
-    cleaned_preferences: dict,
     base_model: dict,
     storage: StorageResource,
     mlflow_tracking: MlflowResource,
 ) -> dict:
-    """Chat-templated, tokenized train/eval splits in the trainer's layout; pairs that cannot fit are dropped with a reason."""
+    """All accepted pairs, chat-templated and tokenized once in the trainer's layout; pairs that cannot fit are dropped with a reason."""
     import datasets
     from transformers import AutoTokenizer
 
+    parts = accepted_partitions(context.instance, storage)
+    if not parts:
+        raise dg.Failure("no cleaned preference partitions yet: add files to the drop folder or run scripts/run_pipeline.sh")
+    tables = {s: _read_all(parts, s) for s in ("train", "eval")}
+    cleaned_digest = clean.table_digest(pl.concat([tables["train"], tables["eval"]]))
     tokenizer = AutoTokenizer.from_pretrained(base_model["path"])
     kwargs = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                   min_completion_tokens=config.min_completion_tokens)
-    splits = {s: tokenization.tokenize_pairs(pl.read_parquet(cleaned_preferences[s]), tokenizer, **kwargs)
-              for s in ("train", "eval")}
+    splits = {s: tokenization.tokenize_pairs(t, tokenizer, **kwargs) for s, t in tables.items()}
     dropped = [d | {"split": s} for s, t in splits.items() for d in t.dropped]
     for d in dropped[:20]:
         context.log.warning(f"dropped {d['detail']}")
@@ -171,6 +194,7 @@ def tokenized_dataset(
         hist = _token_histogram(splits["train"].dataset, tmp / "token_lengths.png")
         write_json(tmp / "tokenize_config.json", kwargs | {"digest": digest, "base_model": base_model["path"]})
     train = splits["train"].dataset
+    sources = [drops.load_source(storage.sources_path, k).to_json() | {"partition_key": k} for k, _ in parts]
     with mlflow_tracking.active_run(context) as run_id:
         import mlflow
 
@@ -180,17 +204,18 @@ def tokenized_dataset(
         mlflow.log_artifact(str(out / hist.name), artifact_path="data_quality")
     context.add_output_metadata(
         {
+            "partitions": len(parts),
             "train_pairs": len(train),
             "eval_pairs": len(splits["eval"].dataset),
             "truncated_prompt": sum(t.truncated_prompt for t in splits.values()),
             "truncated_completion": sum(t.truncated_completion for t in splits.values()),
             "dropped_does_not_fit": len(dropped),
-            "min_completion_tokens_seen": min(min(train["chosen_tokens"], default=0), min(train["rejected_tokens"], default=0)),
             "token_length_histogram": dg.MetadataValue.md(markdown_image(out / hist.name, "token lengths")),
+            "cleaned_digest": cleaned_digest,
             "digest": digest,
             "path": dg.MetadataValue.path(str(out)),
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         }
     )
     return {"dir": str(out / "dataset"), "digest": digest, "max_length": config.max_length,
-            "cleaned_digest": cleaned_preferences["digest"], "cleaned_dir": cleaned_preferences["dir"]}
+            "cleaned_digest": cleaned_digest, "sources": sources}

@@ -1,26 +1,25 @@
-"""The Dagster code location: assets, checks, resources and the end-to-end job."""
+"""The Dagster code location: assets, checks, jobs, sensor, schedule and resources."""
 
 import dagster as dg
 
-from assets import model, preferences
+from assets import champion, model, preferences
+from assets.retraining import ingest_and_train_job, preference_drop_sensor, retrain_job, retrain_schedule
 from resources import GpuResource, MlflowResource, StorageResource
 
 all_assets = dg.load_assets_from_modules([preferences, model])
-all_checks = dg.load_asset_checks_from_modules([preferences, model])
-
-orpo_training_job = dg.define_asset_job(
-    "orpo_training_job",
-    selection=dg.AssetSelection.all(),
-    description="Preference files to a benchmarked, registered ORPO model.",
-)
+all_checks = dg.load_asset_checks_from_modules([preferences, model, champion])
 
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
-    jobs=[orpo_training_job],
+    jobs=[ingest_and_train_job, retrain_job],
+    sensors=[preference_drop_sensor],
+    schedules=[retrain_schedule],
     resources={
         "storage": StorageResource(),
         "gpu": GpuResource(),
         "mlflow_tracking": MlflowResource(),
     },
+    # ML steps are sequential and heavy to import; one process avoids re-importing torch for every step
+    executor=dg.in_process_executor,
 )

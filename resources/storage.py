@@ -18,6 +18,7 @@ class StorageResource(dg.ConfigurableResource):
     """Root folder for artifacts, the model cache and the default MLflow store."""
 
     root: str = Field(default_factory=default_state_dir, description="State directory (env ORPO_PIPELINE_HOME).")
+    drop_dir: str = Field(default="", description="Folder watched for new preference files. Empty: <root>/drops.")
 
     @property
     def root_path(self) -> Path:
@@ -26,6 +27,18 @@ class StorageResource(dg.ConfigurableResource):
     def artifact_dir(self, asset: str, version: str) -> Path:
         return self.root_path / "artifacts" / asset / version
 
+    def partition_dir(self, asset: str, partition_key: str) -> Path:
+        return self.root_path / "artifacts" / asset / "partitions" / partition_key
+
     @property
     def model_cache(self) -> Path:
         return self.root_path / "models"
+
+    @property
+    def drop_path(self) -> Path:
+        return Path(self.drop_dir).expanduser().resolve() if self.drop_dir else self.root_path / "drops"
+
+    @property
+    def sources_path(self) -> Path:
+        """Content-addressed copies of every registered preference file (one folder per partition key)."""
+        return self.root_path / "sources"

@@ -1,6 +1,7 @@
 """MLflow tracking: one MLflow run per Dagster run, found again by its tag."""
 
 
+import os
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from pydantic import Field
 from .storage import PROJECT_ROOT, default_state_dir
 
 RUN_TAG = "dagster.run_id"
+CHAMPION = "champion"
 
 
 def code_version() -> str:
@@ -40,6 +42,11 @@ class MlflowResource(dg.ConfigurableResource):
     registered_model_name: str = Field(default="orpo-pipeline-model", description="Registered model to add versions to.")
     ui_url: str = Field(default="http://127.0.0.1:5000", description="Base URL of the MLflow UI, for links in Dagster.")
     state_dir: str = Field(default_factory=default_state_dir, description="Holds the default SQLite store and artifacts.")
+    champion_tolerance: float = Field(
+        default_factory=lambda: float(os.environ.get("ORPO_CHAMPION_TOLERANCE", "0")),
+        description="A challenger takes the 'champion' alias unless its held-out preference accuracy is more than this "
+        "below the champion's (negative: it must beat the champion by that much). Env ORPO_CHAMPION_TOLERANCE.",
+    )
 
     @property
     def resolved_uri(self) -> str:
@@ -95,3 +102,23 @@ class MlflowResource(dg.ConfigurableResource):
 
     def model_version_url(self, version: str) -> str:
         return f"{self.ui_url.rstrip('/')}/#/models/{self.registered_model_name}/versions/{version}"
+
+    def champion(self):
+        """The model version holding the 'champion' alias, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client().get_model_version_by_alias(self.registered_model_name, CHAMPION)
+        except MlflowException:
+            return None
+
+    def model_dir_of(self, version) -> Path:
+        """Local folder of a registered version's merged weights (downloaded if it is not on this machine)."""
+        local = version.tags.get("merged_dir")
+        if local and (Path(local) / "config.json").is_file():
+            return Path(local)
+        import mlflow
+
+        self.client()
+        root = Path(mlflow.artifacts.download_artifacts(f"models:/{self.registered_model_name}/{version.version}"))
+        return root / "artifacts" / "model"

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export DAGSTER_HOME="$PWD/dagster_home" TRL_EXPERIMENTAL_SILENCE=1 HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 start=$(date +%s)
-.venv/bin/dagster job execute -m orpo_pipeline.definitions -j orpo_training_job "$@"
+.venv/bin/python -m orpo_pipeline.cli run "$@"
 echo "orpo_training_job finished in $(( $(date +%s) - start )) s."
 echo "Dagster UI: DAGSTER_HOME=$PWD/dagster_home .venv/bin/dagster dev -w workspace.yaml"
 echo "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/state/mlflow.db"

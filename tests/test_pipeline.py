@@ -9,7 +9,10 @@ import mlflow
 import polars as pl
 import pytest
 
+from assets.partitions import range_tags, register_files
+from orpo_pipeline.config import SAMPLE_DATA_DIR
 from orpo_pipeline.definitions import all_assets, all_checks
+from orpo_pipeline.ingest import preference_files
 from resources import GpuResource, MlflowResource, StorageResource
 
 
@@ -32,14 +35,16 @@ def pipeline_run(tmp_path_factory, tiny_model_dir, model_cache):
         }
     }
     with dg.instance_for_test() as instance:
+        _, keys = register_files(instance, preference_files(SAMPLE_DATA_DIR), resources["storage"].sources_path)
         result = dg.materialize(
-            [*all_assets, *all_checks], resources=resources, run_config=run_config, instance=instance
+            [*all_assets, *all_checks], resources=resources, run_config=run_config, instance=instance,
+            tags=range_tags(keys),
         )
         materializations = {
             m.asset_key.to_user_string(): m.metadata
             for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())
         }
-        yield result, materializations, resources["mlflow_tracking"], state
+        yield result, materializations, resources["mlflow_tracking"], state, keys
 
 
 ASSETS = ["raw_preferences", "cleaned_preferences", "tokenized_dataset", "base_model", "orpo_adapter", "merged_model",
@@ -47,26 +52,31 @@ ASSETS = ["raw_preferences", "cleaned_preferences", "tokenized_dataset", "base_m
 
 
 def test_every_asset_materializes_and_checks_pass(pipeline_run):
-    result, mats, _, _ = pipeline_run
+    result, mats, _, _, _ = pipeline_run
     assert result.success
     assert sorted(mats) == sorted(ASSETS)
-    evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 3 and all(c.passed for c in evaluations)
+    evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert evaluations == {"cleaned_not_empty": True, "cleaned_has_no_nulls": True,
+                           "no_train_eval_prompt_overlap": True, "champion_gate": True}
 
 
-def test_artifacts_exist_and_load(pipeline_run):
+def test_artifacts_exist_and_load(pipeline_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result, mats, _, state = pipeline_run
-    cleaned = result.output_for_node("cleaned_preferences")
-    rejects = pl.read_parquet(cleaned["rejects"])
-    kept = pl.read_parquet(cleaned["train"]).height + pl.read_parquet(cleaned["eval"]).height
-    assert kept + rejects.height == mats["raw_preferences"]["rows"].value
-    assert set(rejects["reason"]) >= {"unparseable", "duplicate_pair", "chosen_equals_rejected"}
+    result, mats, _, state, keys = pipeline_run
+    storage = StorageResource(root=str(state))
+    kept = rejected = 0
+    for key in keys:
+        folder = storage.partition_dir("cleaned_preferences", key)
+        kept += pl.read_parquet(folder / "train.parquet").height + pl.read_parquet(folder / "eval.parquet").height
+        rejected += pl.read_parquet(folder / "rejects.parquet").height
+    assert kept + rejected == mats["raw_preferences"]["rows"].value
+    reasons = {r for k in keys for r in pl.read_parquet(storage.partition_dir("cleaned_preferences", k) / "rejects.parquet")["reason"]}
+    assert reasons >= {"unparseable", "duplicate_pair", "chosen_equals_rejected"}
 
     tokenized = datasets.load_from_disk(result.output_for_node("tokenized_dataset")["dir"])
-    assert len(tokenized["train"]) == cleaned["train_pairs"] and len(tokenized["eval"]) == cleaned["eval_pairs"]
+    assert len(tokenized["train"]) + len(tokenized["eval"]) == kept
 
     base = result.output_for_node("base_model")["path"]
     adapter = result.output_for_node("orpo_adapter")["dir"]
@@ -80,28 +90,37 @@ def test_artifacts_exist_and_load(pipeline_run):
     card = (merged_dir / "README.md").read_text()
     assert "tiny-random-llama" in card and "preference_accuracy" in card
     # no temp folders left behind by atomic writes
-    assert not list(state.glob("artifacts/*/.*tmp*"))
+    assert not list(state.rglob(".*tmp-*"))
 
 
 def test_mlflow_has_run_metrics_inputs_and_registered_version(pipeline_run):
-    result, mats, tracking, _ = pipeline_run
+    result, mats, tracking, _, keys = pipeline_run
     client = tracking.client()
     run_id = result.output_for_node("orpo_adapter")["mlflow_run_id"]
     run = client.get_run(run_id)
     assert run.data.tags["dagster.run_id"] == result.run_id
     assert set(run.data.tags["dagster.assets"].split(",")) >= {"cleaned_preferences", "orpo_adapter"}
+    assert run.data.tags["dagster.partition_keys"].split(",") == keys
     assert run.data.params["train.beta"] == "0.1"
     for key in ["loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
                 "rewards/accuracies", "rewards/margins", "tokens_per_second", "peak_memory_mb"]:
         history = client.get_metric_history(run_id, key)
         assert len(history) == 4, key  # logged at every one of the 4 steps
     assert "eval/tuned/preference_accuracy" in run.data.metrics
-    inputs = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
-    assert inputs["cleaned_preferences"] == mats["cleaned_preferences"]["digest"].value
-    assert inputs["tokenized_dataset"] == mats["tokenized_dataset"]["digest"].value
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert inputs["tokenized_dataset"].dataset.digest == mats["tokenized_dataset"]["digest"].value
+    # one input per preference file, with its content digest and partition key
+    files = {p.name for p in preference_files(SAMPLE_DATA_DIR)}
+    assert files <= set(inputs)
+    for name in files:
+        tags = {t.key: t.value for t in inputs[name].tags}
+        assert tags["dagster.partition_key"] in keys and tags["file_sha256"].startswith(inputs[name].dataset.digest)
+    assert run.data.tags["cleaned_digest"] == mats["tokenized_dataset"]["cleaned_digest"].value
     versions = client.search_model_versions("name='tiny-orpo'")
     assert len(versions) == 1 and versions[0].run_id == run_id
     assert versions[0].tags["tokenized_digest"] == mats["tokenized_dataset"]["digest"].value
+    assert versions[0].tags["champion_gate.decision"] == "promoted"  # the first model ever becomes champion
+    assert client.get_model_version_by_alias("tiny-orpo", "champion").version == versions[0].version
     assert "eval.preference_accuracy" in versions[0].tags
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"adapter", "benchmark_scores.json"} <= artifacts
@@ -111,7 +130,7 @@ def test_mlflow_has_run_metrics_inputs_and_registered_version(pipeline_run):
 
 
 def test_benchmark_scores_compare_base_and_tuned(pipeline_run):
-    result, mats, _, _ = pipeline_run
+    result, mats, _, _, _ = pipeline_run
     scores = result.output_for_node("benchmark_scores")
     for name in ("base", "tuned"):
         assert 0.0 <= scores[name]["preference_accuracy"] <= 1.0

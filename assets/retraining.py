@@ -1,0 +1,68 @@
+"""Retrain when new preference data lands: a drop-folder sensor and a schedule."""
+
+import json
+import os
+
+import dagster as dg
+
+from orpo_pipeline import drops
+from resources import StorageResource
+
+from .model import benchmark_scores, merged_model, orpo_adapter
+from .partitions import preference_files, range_tags, register_files
+from .preferences import cleaned_preferences, raw_preferences, tokenized_dataset
+
+SETTLE_SECONDS = float(os.environ.get("ORPO_DROP_SETTLE_SECONDS", "2"))
+SENSOR_INTERVAL = int(os.environ.get("ORPO_DROP_SENSOR_INTERVAL", "15"))
+RETRAIN_CRON = os.environ.get("ORPO_RETRAIN_CRON", "0 3 * * *")
+
+ingest_and_train_job = dg.define_asset_job(
+    "orpo_training_job",
+    selection=dg.AssetSelection.all(),
+    partitions_def=preference_files,
+    description="Clean the given preference files (one partition each), then tokenize everything accepted, retrain, "
+                "merge, benchmark and gate the champion.",
+)
+retrain_job = dg.define_asset_job(
+    "retrain_job",
+    selection=dg.AssetSelection.assets(tokenized_dataset).downstream(),
+    description="Retrain on every accepted preference file, without re-cleaning.",
+)
+
+
+@dg.sensor(job=ingest_and_train_job, minimum_interval_seconds=SENSOR_INTERVAL,
+           default_status=dg.DefaultSensorStatus.RUNNING)
+def preference_drop_sensor(context: dg.SensorEvaluationContext, storage: StorageResource):
+    """New files in the drop folder become partitions; one run cleans them and retrains."""
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    done, previous = cursor.get("done", {}), cursor.get("stats", {})
+    ready, stats = drops.settled_files(storage.drop_path, previous, SETTLE_SECONDS)
+    # files already registered are not hashed again while their size and mtime stay the same
+    fresh = [p for p in ready if done.get(str(p)) != stats[str(p)]]
+    sources, new_keys = register_files(context.instance, fresh, storage.sources_path)
+    done.update({str(p): stats[str(p)] for p in fresh})
+    context.update_cursor(json.dumps({"done": done, "stats": stats}))
+    waiting = len(stats) - len(ready)
+    if not new_keys:
+        return dg.SkipReason(f"no new preference files in {storage.drop_path} ({waiting} still being written)")
+    names = {s.key: s.name for s in sources}
+    context.log.info("new preference files: " + ", ".join(f"{names[k]} ({k})" for k in new_keys))
+    # partitions were just added by register_files, so the range below resolves in this same tick
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=",".join(new_keys), tags=range_tags(new_keys))])
+
+
+@dg.schedule(job=retrain_job, cron_schedule=RETRAIN_CRON, default_status=dg.DefaultScheduleStatus.RUNNING)
+def retrain_schedule(context: dg.ScheduleEvaluationContext):
+    """Retrain only when preference data was cleaned after the last trained model."""
+    instance = context.instance
+    data = instance.get_latest_materialization_event(cleaned_preferences.key)
+    model = instance.get_latest_materialization_event(orpo_adapter.key)
+    if data is None:
+        return dg.SkipReason("no cleaned preference data yet")
+    if model is not None and model.timestamp >= data.timestamp:
+        return dg.SkipReason(f"no new preference data since the last trained model (run {model.run_id[:8]})")
+    return dg.RunRequest(run_key=f"retrain-after-{data.run_id}")
+
+
+__all__ = ["ingest_and_train_job", "retrain_job", "preference_drop_sensor", "retrain_schedule", "raw_preferences",
+           "merged_model", "benchmark_scores"]
