@@ -1,8 +1,10 @@
 """Clean the raw preference table with polars.
 
 Rules, in order (a row gets the first reason that applies):
-unparseable record -> empty prompt / chosen / rejected -> chosen equals rejected
--> duplicate pair (after normalization, across every source seen).
+unparseable record or annotator tie (found at ingest) -> empty prompt / chosen /
+rejected -> chosen equals rejected -> score tie / score margin below the minimum
+(only with `min_score_margin`, only rows with scores) -> duplicate pair (after
+normalization, across every source seen).
 Nothing is lost: rows in = kept + rejected, and each reject keeps its source.
 
 Train/eval split is a hash of the normalized prompt, so a prompt never lands in
@@ -22,8 +24,13 @@ REASONS = (
     "empty_chosen",
     "empty_rejected",
     "chosen_equals_rejected",
+    "annotator_tie",
+    "score_tie",
+    "score_margin_below_min",
     "duplicate_pair",
 )
+# scores like 7.3 - 6.8 must not fall a rounding error short of a 0.5 margin
+SCORE_EPSILON = 1e-9
 KEPT_COLUMNS = [
     "prompt",
     "chosen",
@@ -75,13 +82,37 @@ def _prompt_key(prompt: pl.Expr) -> pl.Expr:
     return prompt.list.eval(msg).list.join("\x1e")
 
 
+def _with_ingest_columns(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Raw tables written before `error_reason` existed: every error was unparseable."""
+    names = lf.collect_schema().names()
+    missing = [pl.lit(None, pl.String).alias(c) for c in ("error_reason", "format") if c not in names]
+    return lf.with_columns(missing) if missing else lf
+
+
+def _score_rules(reason: pl.Expr, min_score_margin: float | None) -> pl.Expr:
+    if min_score_margin is None:
+        return reason
+    margin = pl.col("score_chosen") - pl.col("score_rejected")  # null without scores: no rule applies
+    return (
+        reason.when(margin.abs() <= SCORE_EPSILON)
+        .then(pl.lit("score_tie"))
+        .when(margin < min_score_margin - SCORE_EPSILON)
+        .then(pl.lit("score_margin_below_min"))
+    )
+
+
 def clean_preferences(
     raw: pl.DataFrame | pl.LazyFrame,
     eval_fraction: float = 0.2,
     known_hashes: pl.Series | None = None,
+    min_score_margin: float | None = None,
 ) -> CleanResult:
-    """Apply the cleaning rules; `known_hashes` are content hashes already accepted elsewhere."""
-    lf = raw.lazy()
+    """Apply the cleaning rules; `known_hashes` are content hashes already accepted elsewhere.
+
+    With `min_score_margin` set, scored pairs whose scores tie or whose
+    score_chosen - score_rejected is below it are rejected; unscored rows are not.
+    """
+    lf = _with_ingest_columns(raw.lazy())
     content = pl.element().struct.field("content")
     norm = lf.with_columns(
         pl.col("prompt").list.eval(
@@ -100,7 +131,7 @@ def clean_preferences(
     )
     reason = (
         pl.when(pl.col("error").is_not_null())
-        .then(pl.lit("unparseable"))
+        .then(pl.col("error_reason").fill_null("unparseable"))
         .when(empty_prompt)
         .then(pl.lit("empty_prompt"))
         .when(pl.col("chosen").str.len_bytes().eq(0))
@@ -110,7 +141,7 @@ def clean_preferences(
         .when(pl.col("chosen") == pl.col("rejected"))
         .then(pl.lit("chosen_equals_rejected"))
     )
-    norm = norm.with_columns(reason.alias("reason"))
+    norm = norm.with_columns(_score_rules(reason, min_score_margin).alias("reason"))
     # first occurrence wins, in source order; it names the copy it kept
     valid = pl.col("reason").is_null()
     first = (
@@ -126,8 +157,11 @@ def clean_preferences(
     norm = norm.with_columns(
         pl.when(is_copy).then(pl.lit("duplicate_pair")).otherwise(pl.col("reason")).alias("reason"),
     ).with_columns(
-        pl.when(pl.col("reason") == "unparseable")
+        pl.when(pl.col("error").is_not_null())
         .then(pl.col("error"))
+        .when(pl.col("reason").is_in(["score_tie", "score_margin_below_min"]))
+        .then(pl.format("{}:{}: {} (score_chosen {}, score_rejected {})", "source_file", "source_row", "reason",
+                        "score_chosen", "score_rejected"))
         .when(pl.col("reason") == "duplicate_pair")
         .then(pl.format("duplicate of {}", pl.col("first_source").fill_null("an earlier partition")))
         .when(pl.col("reason").is_not_null())
@@ -141,6 +175,34 @@ def clean_preferences(
     kept = norm.filter(pl.col("reason").is_null()).select(KEPT_COLUMNS)
     rejects = norm.filter(pl.col("reason").is_not_null()).select(REJECT_COLUMNS)
     return CleanResult(kept=kept, rejects=rejects)
+
+
+def rows_accounting(raw: pl.DataFrame | pl.LazyFrame, result: CleanResult) -> pl.DataFrame:
+    """Per source file: rows in, kept, rejected, and whether rows in = kept + rejected."""
+    def count(df: pl.DataFrame | pl.LazyFrame, name: str) -> pl.LazyFrame:
+        return df.lazy().group_by("source_file", maintain_order=True).agg(pl.len().cast(pl.Int64).alias(name))
+
+    out = count(raw, "rows_in")
+    # full joins, so a source that shows up only on one side still gets a row and reads unbalanced
+    for part, name in ((result.kept, "kept"), (result.rejects, "rejected")):
+        out = out.join(count(part, name), on="source_file", how="full", coalesce=True, maintain_order="left_right")
+    counts = pl.col("rows_in", "kept", "rejected").fill_null(0)
+    return (
+        out.with_columns(counts)
+        .with_columns(balanced=pl.col("rows_in") == pl.col("kept") + pl.col("rejected"))
+        .collect()
+    )
+
+
+def reasons_by_source(result: CleanResult) -> pl.DataFrame:
+    """Per source file, how many rows each reason rejected (one column per reason, zeros included)."""
+    sources = pl.concat([result.kept.select("source_file"), result.rejects.select("source_file")]).unique(
+        maintain_order=True
+    )
+    counts = result.rejects.group_by("source_file", maintain_order=True).agg(
+        (pl.col("reason") == r).sum().cast(pl.Int64).alias(r) for r in REASONS
+    )
+    return sources.join(counts, on="source_file", how="left", maintain_order="left").fill_null(0)
 
 
 def length_stats(kept: pl.DataFrame) -> dict[str, dict[str, float]]:

@@ -26,20 +26,23 @@ DEFAULT_EVAL_PROMPTS = [
 
 
 class DataSettings(BaseModel):
-    """Where preference pairs come from and how they are split."""
+    """How preference files are read, cleaned and split (which files: the drop folder or `cli run --data-dir`)."""
 
-    data_dir: str = Field(
-        "",
-        description="Folder of preference files (jsonl, json, parquet, csv). Empty: the sample data shipped with the package.",
-    )
-    hf_dataset: str = Field(
-        "",
-        description="Instead of data_dir: a Hugging Face dataset hub id, or a folder written by Dataset.save_to_disk.",
-    )
-    hf_split: str = Field("train", description="Split of hf_dataset to read.")
-    hf_config: str = Field("", description="Optional config (subset) name of hf_dataset.")
     eval_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="Share of prompts held out for evaluation, assigned by a hash of the prompt."
+    )
+    format: Literal["auto", "hh_rlhf", "sharegpt", "pairwise", "ultrafeedback", "trl_conversational", "trl_standard"] = Field(
+        "auto",
+        description="Preference format of every file; auto: detected per file from its first record that matches one.",
+    )
+    column_mapping: dict[str, str] = Field(
+        default_factory=dict,
+        description="Columns renamed before the format is detected, e.g. {question: prompt, good: chosen, bad: rejected}.",
+    )
+    min_score_margin: float | None = Field(
+        None,
+        ge=0.0,
+        description="If set, scored pairs with tied scores or score_chosen - score_rejected below this are rejected.",
     )
 
 
@@ -84,6 +87,20 @@ class TrainSettings(BaseModel):
     lora_target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         description="Module names to adapt, or ['all-linear'].",
+    )
+    train_embeddings: bool = Field(
+        False,
+        description="Also train the full input (and untied output) embeddings (peft modules_to_save). Tokens the "
+        "chat template adds are trained either way (peft trainable_token_indices).",
+    )
+    train_norms: bool = Field(False, description="Also train the normalization layers (peft modules_to_save).")
+    chat_template: str = Field(
+        "",
+        description="Jinja chat template, or a path to a .jinja file, replacing the base tokenizer's; saved with "
+        "the adapter. The tokenize step must apply the same one. Empty: the base tokenizer's.",
+    )
+    attn_implementation: str = Field(
+        "sdpa", description="sdpa, eager, or flash_attention_2 (CUDA and the flash-attn package)."
     )
     gradient_checkpointing: bool = False
     load_in_4bit: bool = Field(False, description="QLoRA: NF4 base weights via bitsandbytes. Needs CUDA.")
