@@ -26,13 +26,13 @@ def raw_preferences(
     for key in context.partition_keys:
         src = drops.load_source(storage.sources_path, key)
         try:
-            raw = ingest.records_to_table(ingest.iter_records(src.path), src.name)
+            raw = ingest.records_to_table(ingest.iter_records(src.path), src.name, config.format, config.column_mapping)
         except ingest.PreferenceFormatError as e:
             raise dg.Failure(f"partition {key} ({src.name}): {e}") from e
         with atomic_dir(storage.partition_dir("raw_preferences", key)) as tmp:
             raw.write_parquet(tmp / "raw.parquet")
-        rows.append({"partition": key, "file": src.name, "rows": len(raw),
-                     "unparseable": int(raw["error"].is_not_null().sum())})
+        rows.append({"partition": key, "file": src.name, "format": str(raw["format"].drop_nulls().first() or "?"),
+                     "rows": len(raw), "unparseable": int(raw["error"].is_not_null().sum())})
     table = pl.DataFrame(rows)
     run_id = mlflow_tracking.run_id_for(context.run.run_id, context.asset_key.to_user_string())
     return dg.MaterializeResult(
@@ -67,10 +67,12 @@ def cleaned_preferences(
     for key in sorted(context.partition_keys, key=order.index):
         raw = pl.read_parquet(storage.partition_dir("raw_preferences", key) / "raw.parquet")
         known = _known_hashes(storage, order[: order.index(key)])
-        result = clean.clean_preferences(raw, eval_fraction=config.eval_fraction, known_hashes=known)
-        if len(raw) != len(result.kept) + len(result.rejects):
-            raise dg.Failure(f"row accounting broke in {key}: {len(raw)} in, {len(result.kept)} + {len(result.rejects)}")
-        for row in result.rejects.filter(pl.col("reason") == "unparseable").head(20).iter_rows(named=True):
+        result = clean.clean_preferences(raw, eval_fraction=config.eval_fraction, known_hashes=known,
+                                         min_score_margin=config.min_score_margin)
+        accounting = clean.rows_accounting(raw, result)
+        if not accounting["balanced"].all():
+            raise dg.Failure(f"row accounting broke in {key}: {accounting.filter(~pl.col('balanced')).to_dicts()}")
+        for row in result.rejects.filter(pl.col("reason").is_in(["unparseable", "annotator_tie"])).head(20).iter_rows(named=True):
             context.log.warning(f"rejected {row['detail']}")
         counts = result.reason_counts()
         with atomic_dir(storage.partition_dir("cleaned_preferences", key)) as tmp:

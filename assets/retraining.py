@@ -2,19 +2,30 @@
 
 import json
 import os
+from pathlib import Path
 
 import dagster as dg
 
 from orpo_pipeline import drops
 from resources import StorageResource
 
-from .model import benchmark_scores, merged_model, orpo_adapter
+from .model import base_model, benchmark_scores, merged_model, orpo_adapter
 from .partitions import preference_files, range_tags, register_files
 from .preferences import cleaned_preferences, raw_preferences, tokenized_dataset
 
 SETTLE_SECONDS = float(os.environ.get("ORPO_DROP_SETTLE_SECONDS", "2"))
 SENSOR_INTERVAL = int(os.environ.get("ORPO_DROP_SENSOR_INTERVAL", "15"))
 RETRAIN_CRON = os.environ.get("ORPO_RETRAIN_CRON", "0 3 * * *")
+
+
+def automation_run_config() -> dict:
+    """Run config for sensor- and schedule-launched runs: the YAML file named by ORPO_AUTOMATION_RUN_CONFIG, if any."""
+    path = os.environ.get("ORPO_AUTOMATION_RUN_CONFIG", "")
+    if not path:
+        return {}
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text()) or {}
 
 ingest_and_train_job = dg.define_asset_job(
     "orpo_training_job",
@@ -25,7 +36,7 @@ ingest_and_train_job = dg.define_asset_job(
 )
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=dg.AssetSelection.assets(tokenized_dataset).downstream(),
+    selection=dg.AssetSelection.assets(tokenized_dataset).downstream() | dg.AssetSelection.assets(base_model),
     description="Retrain on every accepted preference file, without re-cleaning.",
 )
 
@@ -48,7 +59,8 @@ def preference_drop_sensor(context: dg.SensorEvaluationContext, storage: Storage
     names = {s.key: s.name for s in sources}
     context.log.info("new preference files: " + ", ".join(f"{names[k]} ({k})" for k in new_keys))
     # partitions were just added by register_files, so the range below resolves in this same tick
-    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=",".join(new_keys), tags=range_tags(new_keys))])
+    request = dg.RunRequest(run_key=",".join(new_keys), tags=range_tags(new_keys), run_config=automation_run_config())
+    return dg.SensorResult(run_requests=[request])
 
 
 @dg.schedule(job=retrain_job, cron_schedule=RETRAIN_CRON, default_status=dg.DefaultScheduleStatus.RUNNING)
@@ -61,7 +73,7 @@ def retrain_schedule(context: dg.ScheduleEvaluationContext):
         return dg.SkipReason("no cleaned preference data yet")
     if model is not None and model.timestamp >= data.timestamp:
         return dg.SkipReason(f"no new preference data since the last trained model (run {model.run_id[:8]})")
-    return dg.RunRequest(run_key=f"retrain-after-{data.run_id}")
+    return dg.RunRequest(run_key=f"retrain-after-{data.run_id}", run_config=automation_run_config())
 
 
 __all__ = ["ingest_and_train_job", "retrain_job", "preference_drop_sensor", "retrain_schedule", "raw_preferences",
