@@ -45,16 +45,28 @@ def raw_preferences(
     )
 
 
-def _known_hashes(storage: StorageResource, earlier: list[str]) -> pl.Series | None:
-    files = [storage.partition_dir("cleaned_preferences", k) / "kept_hashes.parquet" for k in earlier]
-    files = [f for f in files if f.is_file()]
-    if not files:
-        return None
-    return pl.scan_parquet(files).select("content_hash").collect().to_series()
+def _hash_index_path(storage: StorageResource) -> Path:
+    return storage.root_path / "artifacts" / "cleaned_preferences" / "hash_index.parquet"
 
 
+def _read_hash_index(storage: StorageResource) -> pl.DataFrame:
+    """(partition, content_hash) of every accepted pair: one file, so dedup cost does not grow with file count."""
+    path = _hash_index_path(storage)
+    if path.is_file():
+        return pl.read_parquet(path)
+    return pl.DataFrame(schema={"partition": pl.String, "content_hash": pl.String})
+
+
+def _write_hash_index(storage: StorageResource, index: pl.DataFrame) -> None:
+    from orpo_pipeline.storage import atomic_file
+
+    with atomic_file(_hash_index_path(storage)) as tmp:
+        index.write_parquet(tmp)
+
+
+# pool: the hash index is read-modify-write, so two cleaning runs must not interleave (default_limit 1)
 @dg.asset(group_name=GROUP, kinds={"polars", "parquet"}, partitions_def=preference_files, backfill_policy=ONE_RUN,
-          deps=[raw_preferences])
+          deps=[raw_preferences], pool="preference_index")
 def cleaned_preferences(
     context: dg.AssetExecutionContext,
     config: DataConfig,
@@ -64,9 +76,11 @@ def cleaned_preferences(
     """Usable pairs of one file (normalized, deduplicated against every earlier file, split by prompt hash); rejects kept with reasons."""
     order = registered_keys(context.instance)
     summary = []
+    index = _read_hash_index(storage)
     for key in sorted(context.partition_keys, key=order.index):
         raw = pl.read_parquet(storage.partition_dir("raw_preferences", key) / "raw.parquet")
-        known = _known_hashes(storage, order[: order.index(key)])
+        earlier = set(order[: order.index(key)])
+        known = index.filter(pl.col("partition").is_in(earlier))["content_hash"]
         result = clean.clean_preferences(raw, eval_fraction=config.eval_fraction, known_hashes=known,
                                          min_score_margin=config.min_score_margin)
         accounting = clean.rows_accounting(raw, result)
@@ -79,12 +93,14 @@ def cleaned_preferences(
             result.train.write_parquet(tmp / "train.parquet")
             result.eval.write_parquet(tmp / "eval.parquet")
             result.rejects.write_parquet(tmp / "rejects.parquet")
-            result.kept.select("content_hash").write_parquet(tmp / "kept_hashes.parquet")
             write_json(tmp / "summary.json", {"digest": clean.table_digest(result.kept), "rows_in": len(raw),
                                               "kept": len(result.kept), "reasons": counts})
+        index = pl.concat([index.filter(pl.col("partition") != key),
+                           result.kept.select(pl.lit(key).alias("partition"), "content_hash")])
         summary.append({"partition": key, "file": str(raw["source_file"].first() or ""), "rows_in": len(raw),
                         "kept": len(result.kept), "train": len(result.train), "eval": len(result.eval),
                         "rejected": len(result.rejects), **counts})
+    _write_hash_index(storage, index)
     table = pl.DataFrame(summary)
     reasons = {r: int(table[r].sum()) for r in clean.REASONS}
     with mlflow_tracking.active_run(context) as run_id:
