@@ -77,6 +77,7 @@ def cleaned_preferences(
     order = registered_keys(context.instance)
     summary = []
     index = _read_hash_index(storage)
+    margins_seen: list[float | None] = []
     for key in sorted(context.partition_keys, key=order.index):
         raw = pl.read_parquet(storage.partition_dir("raw_preferences", key) / "raw.parquet")
         earlier = set(order[: order.index(key)])
@@ -89,6 +90,7 @@ def cleaned_preferences(
         for row in result.rejects.filter(pl.col("reason").is_in(["unparseable", "annotator_tie"])).head(20).iter_rows(named=True):
             context.log.warning(f"rejected {row['detail']}")
         counts = result.reason_counts()
+        margins_seen += (raw["score_chosen"] - raw["score_rejected"]).to_list()
         with atomic_dir(storage.partition_dir("cleaned_preferences", key)) as tmp:
             result.train.write_parquet(tmp / "train.parquet")
             result.eval.write_parquet(tmp / "eval.parquet")
@@ -98,18 +100,33 @@ def cleaned_preferences(
         index = pl.concat([index.filter(pl.col("partition") != key),
                            result.kept.select(pl.lit(key).alias("partition"), "content_hash")])
         summary.append({"partition": key, "file": str(raw["source_file"].first() or ""), "rows_in": len(raw),
+                        "reject_share": round(len(result.rejects) / max(len(raw), 1), 4),
                         "kept": len(result.kept), "train": len(result.train), "eval": len(result.eval),
                         "rejected": len(result.rejects), **counts})
     _write_hash_index(storage, index)
     table = pl.DataFrame(summary)
     reasons = {r: int(table[r].sum()) for r in clean.REASONS}
+    margins = [m for m in margins_seen if m is not None]
+    report_dir = storage.artifact_dir("data_quality", context.run.run_id)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    write_json(report_dir / "cleaning_report.json", {"per_file": summary, "rejected_by_reason": reasons})
+    extra = {}
+    if margins:
+        png = histograms_png({"score_chosen - score_rejected": margins}, report_dir / "score_margins.png",
+                             "Score margins of scored pairs", "margin")
+        extra["score_margin_histogram"] = dg.MetadataValue.md(markdown_image(png, "score margins"))
     with mlflow_tracking.active_run(context) as run_id:
         import mlflow
 
         mlflow.log_metrics({f"data/rejected_{k}": v for k, v in reasons.items()})
-        mlflow.log_metrics({"data/kept_pairs": int(table["kept"].sum())})
+        mlflow.log_metrics({"data/kept_pairs": int(table["kept"].sum()), "data/train_pairs": int(table["train"].sum()),
+                            "data/eval_pairs": int(table["eval"].sum())})
+        mlflow.log_artifacts(str(report_dir), artifact_path="data_quality")
     return dg.MaterializeResult(
         metadata={
+            **extra,
+            "train_pairs": int(table["train"].sum()),
+            "eval_pairs": int(table["eval"].sum()),
             "rows_in": int(table["rows_in"].sum()),
             "kept": int(table["kept"].sum()),
             "rejected": int(table["rejected"].sum()),
@@ -167,6 +184,30 @@ def no_train_eval_prompt_overlap(context: dg.AssetCheckExecutionContext, storage
     dupes = len(both) - both["content_hash"].n_unique()
     return dg.AssetCheckResult(passed=overlap == 0 and dupes == 0,
                                metadata={"shared_prompts": overlap, "duplicate_pairs": dupes})
+
+
+class RejectsCeilingConfig(dg.Config):
+    max_reject_share: float = 0.5  # per file: above this a warning, since one bad export should be looked at
+
+
+@dg.asset_check(asset=cleaned_preferences, blocking=False,
+                description="Share of rejected rows per file stays under a ceiling (a warning, not a failure).")
+def rejects_share_under_ceiling(context: dg.AssetCheckExecutionContext, config: RejectsCeilingConfig,
+                                storage: StorageResource) -> dg.AssetCheckResult:
+    import json
+
+    rows = []
+    for key, folder in accepted_partitions(context.instance, storage):
+        summary = json.loads((folder / "summary.json").read_text())
+        share = (summary["rows_in"] - summary["kept"]) / max(summary["rows_in"], 1)
+        rows.append({"partition": key, "rows_in": summary["rows_in"], "reject_share": round(share, 4)})
+    over = [r for r in rows if r["reject_share"] > config.max_reject_share]
+    return dg.AssetCheckResult(
+        passed=not over, severity=dg.AssetCheckSeverity.WARN,
+        description=f"{len(over)} file(s) reject more than {config.max_reject_share:.0%} of their rows" if over else None,
+        metadata={"files": dg.MetadataValue.md(markdown_table(pl.DataFrame(rows))) if rows else "none",
+                  "over_ceiling": len(over)},
+    )
 
 
 def _token_histogram(dataset, out: Path) -> Path:

@@ -57,7 +57,11 @@ def test_every_asset_materializes_and_checks_pass(pipeline_run):
     assert sorted(mats) == sorted(ASSETS)
     evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert evaluations == {"cleaned_not_empty": True, "cleaned_has_no_nulls": True,
-                           "no_train_eval_prompt_overlap": True, "champion_gate": True}
+                           "no_train_eval_prompt_overlap": True, "rejects_share_under_ceiling": False,
+                           "champion_gate": True}
+    # the shipped dirty.jsonl rejects 10 of its 16 rows: the ceiling check warns about exactly that file
+    ceiling = next(e for e in result.get_asset_check_evaluations() if e.check_name == "rejects_share_under_ceiling")
+    assert ceiling.severity == dg.AssetCheckSeverity.WARN and ceiling.metadata["over_ceiling"].value == 1
 
 
 def test_artifacts_exist_and_load(pipeline_run, tmp_path):
