@@ -1,6 +1,7 @@
 """Model assets: base model -> ORPO LoRA adapter -> merged weights -> benchmark scores."""
 
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def orpo_adapter(
     gpu: GpuResource,
     storage: StorageResource,
     mlflow_tracking: MlflowResource,
-) -> dict:
+) -> dg.Output[dict]:
     """LoRA adapter trained with ORPO (TRL) on the tokenized train split; metrics stream to MLflow."""
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
@@ -83,6 +84,11 @@ def orpo_adapter(
     from orpo_pipeline.config import TrainSettings
 
     settings = TrainSettings.model_validate(config.model_dump(exclude={"init_from_champion"}))
+    # the data was tokenized with one chat template; train and save the adapter's tokenizer with the same one
+    if settings.chat_template != tokenized_dataset.get("chat_template", ""):
+        if settings.chat_template:
+            raise dg.Failure("orpo_adapter's chat_template differs from the one tokenized_dataset used; set it there")
+        settings = settings.model_copy(update={"chat_template": tokenized_dataset["chat_template"]})
     adapter_init = None
     if config.init_from_champion:
         champion = mlflow_tracking.champion()
@@ -96,7 +102,10 @@ def orpo_adapter(
     out = storage.artifact_dir("orpo_adapter", context.run.run_id)
     with mlflow_tracking.active_run(context) as run_id:
         client = mlflow_tracking.client()
-        mlflow.log_params({f"train.{k}": v for k, v in settings.model_dump().items()})
+        params = settings.model_dump()
+        if params["chat_template"]:  # MLflow caps a param at 6000 chars; the template itself is in the adapter
+            params["chat_template"] = hashlib.sha256(params["chat_template"].encode()).hexdigest()[:16]
+        mlflow.log_params({f"train.{k}": v for k, v in params.items()})
         mlflow.log_params({"base_model": base_model["name"], "max_length": tokenized_dataset["max_length"], "device": device})
         # one input per preference file (= partition), so a model version walks back to the files it learned from
         for src in tokenized_dataset["sources"]:
@@ -139,9 +148,10 @@ def orpo_adapter(
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         }
     )
-    return {"dir": str(out), "digest": digest, "mlflow_run_id": run_id, "training_config": settings.model_dump(),
-            "partition_keys": ",".join(s["partition_key"] for s in tokenized_dataset["sources"]),
-            "cleaned_digest": tokenized_dataset["cleaned_digest"], "tokenized_digest": tokenized_dataset["digest"]}
+    # dg.Output: with GpuResource(num_processes > 1) a Pipes session ran, and Dagster then takes no bare value
+    return dg.Output({"dir": str(out), "digest": digest, "mlflow_run_id": run_id, "training_config": settings.model_dump(),
+                      "partition_keys": ",".join(s["partition_key"] for s in tokenized_dataset["sources"]),
+                      "cleaned_digest": tokenized_dataset["cleaned_digest"], "tokenized_digest": tokenized_dataset["digest"]})
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"})
@@ -220,7 +230,8 @@ def benchmark_scores(
     scores = {}
     for name, path in models:
         context.log.info(f"scoring the {name} model on {min(len(eval_data), config.max_eval_pairs)} held-out pairs")
-        scores[name] = benchmark_model(Path(path), eval_data, **kw)
+        # both in the template the eval data was tokenized with (the tuned model's tokenizer)
+        scores[name] = benchmark_model(Path(path), eval_data, tokenizer_dir=Path(merged_model["dir"]), **kw)
     metrics = ["preference_accuracy", "mean_log_odds_margin", "chosen_nll"]
     names = list(scores)
     table = f"| metric | {' | '.join(names)} |\n|---|{'---|' * len(names)}\n" + "\n".join(

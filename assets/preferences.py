@@ -236,7 +236,12 @@ def tokenized_dataset(
         raise dg.Failure("no cleaned preference partitions yet: add files to the drop folder or run scripts/run_pipeline.sh")
     tables = {s: _read_all(parts, s) for s in ("train", "eval")}
     cleaned_digest = clean.table_digest(pl.concat([tables["train"], tables["eval"]]))
+    from orpo_pipeline.training import set_chat_template
+
     tokenizer = AutoTokenizer.from_pretrained(base_model["path"])
+    added = set_chat_template(tokenizer, config.chat_template)  # the same call training makes: same token ids
+    if added:
+        context.log.info(f"chat_template added tokens {tokenizer.convert_ids_to_tokens(added)}")
     kwargs = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                   min_completion_tokens=config.min_completion_tokens)
     splits = {s: tokenization.tokenize_pairs(t, tokenizer, **kwargs) for s, t in tables.items()}
@@ -251,7 +256,8 @@ def tokenized_dataset(
             tmp / "dropped.parquet"
         )
         hist = _token_histogram(splits["train"].dataset, tmp / "token_lengths.png")
-        write_json(tmp / "tokenize_config.json", kwargs | {"digest": digest, "base_model": base_model["path"]})
+        write_json(tmp / "tokenize_config.json", kwargs | {"digest": digest, "base_model": base_model["path"],
+                                                           "chat_template": tokenizer.chat_template})
     train = splits["train"].dataset
     sources = [drops.load_source(storage.sources_path, k).to_json() | {"partition_key": k} for k, _ in parts]
     with mlflow_tracking.active_run(context) as run_id:
@@ -277,4 +283,4 @@ def tokenized_dataset(
         }
     )
     return {"dir": str(out / "dataset"), "digest": digest, "max_length": config.max_length,
-            "cleaned_digest": cleaned_digest, "sources": sources}
+            "cleaned_digest": cleaned_digest, "sources": sources, "chat_template": config.chat_template}

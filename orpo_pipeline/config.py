@@ -67,6 +67,10 @@ class TokenizeSettings(BaseModel):
     min_completion_tokens: int = Field(
         32, gt=0, description="Completions keep at least this many tokens; pairs that cannot are dropped with a reason."
     )
+    chat_template: str = Field(
+        "", description="Jinja chat template, or a path to a .jinja file, replacing the base tokenizer's. Empty: the "
+        "base tokenizer's. Training and the saved adapter use the same one."
+    )
 
 
 class TrainSettings(BaseModel):

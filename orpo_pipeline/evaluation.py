@@ -73,18 +73,21 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int =
     return out
 
 
-def load_for_eval(model_dir: Path):
+def load_for_eval(model_dir: Path, tokenizer_dir: Path | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # a chat template added tokens the base lacks
+        model.resize_token_embeddings(len(tokenizer))
+    return model, tokenizer
 
 
 def benchmark_model(model_dir: Path, eval_data: datasets.Dataset, prompts: list[str], batch_size: int = 8,
-                    max_pairs: int = 300, max_new_tokens: int = 48) -> dict:
-    model, tokenizer = load_for_eval(Path(model_dir))
+                    max_pairs: int = 300, max_new_tokens: int = 48, tokenizer_dir: Path | None = None) -> dict:
+    model, tokenizer = load_for_eval(Path(model_dir), tokenizer_dir)
     scores = score_preferences(model, tokenizer, eval_data, batch_size, max_pairs)
     scores["generations"] = generate_samples(model, tokenizer, prompts, max_new_tokens)
     return scores

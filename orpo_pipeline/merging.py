@@ -18,8 +18,14 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, output_dir: Path, dtype: st
     torch_dtype = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32,
                    "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the chat template added tokens
+        base.resize_token_embeddings(len(tokenizer))
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    # training may have chosen another pad token than the base config names; keep all three in agreement
+    merged.config.pad_token_id = tokenizer.pad_token_id
+    if merged.generation_config is not None:
+        merged.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(Path(output_dir)) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

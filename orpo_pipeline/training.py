@@ -3,15 +3,23 @@
 `PretokenizedORPOTrainer` is TRL's ORPOTrainer (its loss, metrics and logging)
 minus its constructor's dataset pass: ours is already tokenized, truncated
 safely and in TRL's column layout, so it is used as it is.
+
+The same `train_orpo_adapter` runs in one process, or in each of N processes
+under `accelerate launch` (see train_cli.py); rank 0 logs and saves.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import re
 import resource
+import tempfile
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +40,11 @@ log = logging.getLogger(__name__)
 
 LogFn = Callable[[int, dict[str, float]], None]
 
+PAD_CANDIDATES = ("<pad>", "<|pad|>", "<unk>")
+# special-token markers written literally in a chat template: <|im_start|>, <|eot_id|>, <start_of_turn>
+TEMPLATE_MARKER = re.compile(r"<\|[^|\s]+\|>|<[a-z]+(?:_[a-z]+)+>")
+METRICS_FILE = "training_metrics.json"
+
 
 @dataclass
 class TrainResult:
@@ -43,6 +56,12 @@ class TrainResult:
     all_losses_finite: bool = True
     device: str = "cpu"
     global_steps: int = 0
+    num_processes: int = 1
+
+
+def load_train_result(output_dir: Path) -> TrainResult:
+    """The TrainResult rank 0 wrote next to the adapter (how a launched run hands it back)."""
+    return TrainResult(adapter_dir=Path(output_dir), **json.loads((Path(output_dir) / METRICS_FILE).read_text()))
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -75,17 +94,124 @@ def use_bf16(settings: TrainSettings, device: str) -> bool:
     return cpu_has_bf16()
 
 
+def read_chat_template(value: str) -> str:
+    """A Jinja string as it is, else the contents of the file it names."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"chat_template {value!r} is neither a Jinja template (no '{{{{' or '{{%') nor a file")
+    return path.read_text()
+
+
+def set_chat_template(tokenizer, chat_template: str) -> list[int]:
+    """Apply a chat-template override; add the special tokens it writes literally but the vocab lacks.
+
+    Returns the ids of the added tokens (their embeddings must be resized and trained). The tokenize
+    step has to call this too, with the same template, or its token ids will not match.
+    """
+    if not chat_template:
+        return []
+    tokenizer.chat_template = read_chat_template(chat_template)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in dict.fromkeys(TEMPLATE_MARKER.findall(tokenizer.chat_template)) if t not in vocab]
+    before = len(tokenizer)
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # a broken template should fail here, not halfway through a run
+        raise ValueError(f"chat_template does not render a one-message conversation: {e}") from e
+    return list(range(before, len(tokenizer)))
+
+
+def check_tokenized_with(tokenizer, dataset: datasets.Dataset) -> None:
+    """Warn when prompts do not end with the template's generation prompt: the tokenize step used another template."""
+    marker = "\x00"
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                          tokenize=False)
+    suffix = tokenizer(probe.split(marker)[-1], add_special_tokens=False)["input_ids"]
+    prompts = dataset.select(range(min(16, len(dataset))))["prompt_input_ids"]
+    if suffix and any(p[-len(suffix):] != suffix for p in prompts):
+        log.warning("the training prompts do not end with the chat_template's generation prompt %r: tokenize the data "
+                    "with the same chat_template, or the adapter learns one format and is served with another",
+                    probe.split(marker)[-1])
+
+
+def set_pad_token(tokenizer, model=None) -> int:
+    """Pad with the tokenizer's or model's pad token, else the first of PAD_CANDIDATES in the vocab, else eos.
+
+    Tokenizer, model config and generation config all end up with the same pad id.
+    """
+    cfg_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    vocab = tokenizer.get_vocab()
+    if tokenizer.pad_token is None:
+        if isinstance(cfg_pad, int) and 0 <= cfg_pad < len(tokenizer):
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(cfg_pad)
+        elif found := next((t for t in PAD_CANDIDATES if t in vocab), None):
+            tokenizer.pad_token = found
+        else:
+            # padding is masked out of attention and loss, so eos as pad is safe here; generation may stop early
+            log.warning("tokenizer has no pad token and none of %s; padding with eos %r", PAD_CANDIDATES,
+                        tokenizer.eos_token)
+            tokenizer.pad_token = tokenizer.eos_token
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer.pad_token_id
+
+
+def attention_implementation(settings: TrainSettings, device: str) -> str:
+    impl = settings.attn_implementation
+    if impl == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(
+                "attn_implementation 'flash_attention_2' needs the flash-attn package, which cannot be imported "
+                f"here ({e}). Install it (pip install flash-attn --no-build-isolation) or use 'sdpa'."
+            ) from e
+        if not device.startswith("cuda"):
+            raise RuntimeError("attn_implementation 'flash_attention_2' needs a CUDA GPU; use 'sdpa' on CPU")
+    return impl
+
+
+def _short_name(model, module) -> str:
+    return next(name for name, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
+
+
+def extra_trainables(model, settings: TrainSettings, added_ids: list[int]) -> dict:
+    """LoraConfig kwargs that train embeddings (all rows, or only added tokens' rows) and norms."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is None or head.weight is emb.weight
+    names = [_short_name(model, emb)] + ([] if tied else [_short_name(model, head)])
+    kw: dict = {"modules_to_save": []}
+    if settings.train_embeddings:
+        kw["modules_to_save"] += names
+        kw["ensure_weight_tying"] = tied  # else the tied head keeps the frozen original
+    elif added_ids:
+        # new rows start as a mean of the others; frozen, the model could not learn to read or emit them
+        log.info("chat_template added %d tokens (ids %s) to the tokenizer: training their embedding rows",
+                 len(added_ids), added_ids)
+        kw["trainable_token_indices"] = {n: added_ids for n in names}
+    if settings.train_norms:
+        kw["modules_to_save"] += sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and "norm" in type(m).__name__.lower()}
+        )
+    kw["modules_to_save"] = kw["modules_to_save"] or None
+    return kw
+
+
 def load_lora_model(model_dir: Path, settings: TrainSettings, device: str, adapter_init: Path | None = None):
     """Base model (4-bit when asked, on CUDA only) wrapped with a trainable LoRA adapter."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token_id is None:
-        log.warning("tokenizer has no pad token; using eos")
-        tokenizer.pad_token = tokenizer.eos_token
+    added = set_chat_template(tokenizer, settings.chat_template)
     # on CPU, bf16 runs as autocast over fp32 master weights; on CUDA the weights themselves are bf16
     dtype = torch.bfloat16 if use_bf16(settings, device) and device.startswith("cuda") else torch.float32
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attention_implementation(settings, device)}
     if settings.load_in_4bit:
         if not device.startswith("cuda"):
             raise RuntimeError(
@@ -100,11 +226,17 @@ def load_lora_model(model_dir: Path, settings: TrainSettings, device: str, adapt
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        # under accelerate launch each process owns the GPU of its local rank
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # many vocabularies have spare rows already
+        model.resize_token_embeddings(len(tokenizer))
+    set_pad_token(tokenizer, model)
     if settings.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif settings.gradient_checkpointing:
         model.enable_input_require_grads()
     if adapter_init is not None:
@@ -116,8 +248,46 @@ def load_lora_model(model_dir: Path, settings: TrainSettings, device: str, adapt
         lora_dropout=settings.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         task_type="CAUSAL_LM",
+        **extra_trainables(model, settings, added),
     )
     return get_peft_model(model, lora), tokenizer
+
+
+def call_as_forward(model, fn):
+    """Return fn(inner) computed as the forward of `model`, the inner module possibly wrapped by DDP / FSDP.
+
+    The fused loss calls the decoder and reads the LM head weight directly instead of model(...).
+    Outside a wrapper's forward, DDP would not arm its gradient all-reduce (each rank would silently
+    train its own adapter) and FSDP would not gather sharded weights.
+    """
+    inner = getattr(model, "module", model)
+    saved = inner.__dict__.get("forward")  # accelerate may have put an autocast wrapper here
+    inner.forward = lambda *args, **kwargs: fn(inner)
+    try:
+        return model()
+    finally:
+        if saved is None:
+            del inner.forward
+        else:
+            inner.forward = saved
+
+
+def hidden_and_head(model, ids, mask):
+    """causal_lm_hidden_and_head, also when peft's trainable tokens wrap the head (no .bias of its own)."""
+    from peft.utils import TrainableTokensWrapper
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if not isinstance(head, TrainableTokensWrapper):
+        return causal_lm_hidden_and_head(model, ids, mask)
+    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return hidden, head.weight, head.original_module.bias  # .weight has the trained rows merged in
+
+
+def fused_orpo_loss(model, ids, mask, labels, beta: float):
+    hidden, weight, bias = hidden_and_head(model, ids, mask)
+    hidden, labels = completion_window(hidden, labels)
+    return orpo_loss_fused(hidden, weight, labels, beta, lm_head_bias=bias)
 
 
 class PretokenizedORPOTrainer(ORPOTrainer):
@@ -156,7 +326,8 @@ class PretokenizedORPOTrainer(ORPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
-            self.non_pad_tokens += int(inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum())
+            n = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
+            self.non_pad_tokens += int(self.accelerator.gather(n.reshape(1)).sum())  # all ranks: global throughput
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def get_batch_loss_metrics(self, model, batch, train_eval="train"):
@@ -165,13 +336,12 @@ class PretokenizedORPOTrainer(ORPOTrainer):
         ids, mask, labels = cat["concatenated_input_ids"], cat["concatenated_attention_mask"], cat["concatenated_labels"]
         with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
             if self.loss_impl == "fused":
-                hidden, weight, bias = causal_lm_hidden_and_head(model, ids, mask)
-                hidden, labels = completion_window(hidden, labels)
-                out = orpo_loss_fused(hidden, weight, labels, self.beta, lm_head_bias=bias)
+                out = call_as_forward(model, lambda m: fused_orpo_loss(m, ids, mask, labels, self.beta))
             else:
                 logits = model(ids, attention_mask=mask, use_cache=False).logits
                 out = orpo_loss_from_logits(logits, labels, self.beta)
         chosen_r, rejected_r = self.beta * out.chosen_logps.detach(), self.beta * out.rejected_logps.detach()
+        # every rank computes the same mean over all ranks' pairs, so rank 0's log speaks for the whole batch
         gather = lambda t: self.accelerator.gather_for_metrics(t.detach().float()).mean().item()  # noqa: E731
         prefix = "eval_" if train_eval == "eval" else ""
         metrics = {
@@ -207,8 +377,15 @@ def completion_window(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     return h, lab
 
 
+def replicas_agree(trainer: Trainer) -> bool:
+    """Whether every DDP rank ended with the same trainable weights (not so if gradients were never all-reduced)."""
+    total = sum(p.detach().float().sum() for p in trainer.model.parameters() if p.requires_grad)
+    sums = trainer.accelerator.gather(total.reshape(1))
+    return bool(torch.allclose(sums, sums[0].expand_as(sums)))
+
+
 class _Progress(TrainerCallback):
-    """Adds tokens/s and peak memory to each log and forwards it to `on_log`."""
+    """Adds tokens/s and peak memory to each log and forwards it to `on_log`, from rank 0 only."""
 
     def __init__(self, device: str, on_log: LogFn | None):
         self.device, self.forward = device, on_log
@@ -231,7 +408,7 @@ class _Progress(TrainerCallback):
             self._t, self._tokens = now, tokens
         logs["progress"] = state.global_step / max(state.max_steps, 1)
         self.history.append({"step": state.global_step, **logs})
-        if self.forward is not None:
+        if self.forward is not None and state.is_world_process_zero:
             self.forward(state.global_step, {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
 
 
@@ -248,7 +425,9 @@ def orpo_args(settings: TrainSettings, output_dir: Path, device: str, max_length
         warmup_steps=settings.warmup_ratio,  # a float < 1 is a ratio of total steps
         lr_scheduler_type=settings.lr_scheduler_type,
         weight_decay=settings.weight_decay,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing=settings.gradient_checkpointing,
+        # reentrant checkpointing fires DDP's gradient hooks twice per step
+        activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=use_bf16(settings, device),
         fp16=False,
         use_cpu=not device.startswith("cuda"),
@@ -262,6 +441,7 @@ def orpo_args(settings: TrainSettings, output_dir: Path, device: str, max_length
         train_sampling_strategy="group_by_length",
         length_column_name="length",
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient each step
         disable_tqdm=False,
     )
 
@@ -276,20 +456,22 @@ def train_orpo_adapter(
     on_log: LogFn | None = None,
     adapter_init: Path | None = None,
 ) -> TrainResult:
-    """Train and atomically save the adapter (+ tokenizer, metrics) into `output_dir`."""
+    """Train and atomically save the adapter (+ tokenizer, metrics) into `output_dir` (rank 0 writes)."""
     device = pick_device(device)
     torch.manual_seed(settings.seed)
     model, tokenizer = load_lora_model(Path(model_dir), settings, device, adapter_init)
+    if settings.chat_template:
+        check_tokenized_with(tokenizer, train_dataset)
     lengths = [
         p + max(c, r)
         for p, c, r in zip(train_dataset["prompt_tokens"], train_dataset["chosen_tokens"], train_dataset["rejected_tokens"])
     ]
     data = train_dataset.select_columns(TOKEN_COLUMNS).add_column("length", lengths)
     progress = _Progress(device, on_log)
-    with atomic_dir(Path(output_dir)) as tmp:
+    with tempfile.TemporaryDirectory(prefix="orpo-trainer-") as scratch:
         trainer = PretokenizedORPOTrainer(
             model=model,
-            args=orpo_args(settings, tmp / "_trainer", device, max_length),
+            args=orpo_args(settings, Path(scratch), device, max_length),
             train_dataset=data,
             processing_class=tokenizer,
             callbacks=[progress],
@@ -299,8 +481,10 @@ def train_orpo_adapter(
         start = time.perf_counter()
         out = trainer.train()
         runtime = time.perf_counter() - start
-        trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        n = trainer.accelerator.num_processes
+        if n > 1 and not trainer.is_fsdp_enabled and not replicas_agree(trainer):
+            raise RuntimeError("the training processes ended with different adapters: gradients were not all-reduced")
+        name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
         losses = [h["loss"] for h in progress.history if "loss" in h]
         result = TrainResult(
             adapter_dir=Path(output_dir),
@@ -309,11 +493,16 @@ def train_orpo_adapter(
             tokens_per_second=trainer.non_pad_tokens / max(runtime, 1e-9),
             peak_memory_mb=peak_memory_mb(device),
             all_losses_finite=all(math.isfinite(x) for x in losses) and math.isfinite(out.training_loss),
-            device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            device=name if n == 1 else f"{n} x {name}",
             global_steps=out.global_step,
+            num_processes=n,
         )
-        write_json(tmp / "training_metrics.json", {k: v for k, v in result.__dict__.items() if k != "adapter_dir"})
-        import shutil
-
-        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+        main = trainer.is_world_process_zero()
+        # every rank enters save_model (FSDP gathers the weights collectively); only rank 0 writes
+        with atomic_dir(Path(output_dir)) if main else nullcontext(Path(scratch) / "unused") as tmp:
+            trainer.save_model(str(tmp))
+            if main:
+                (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in MLflow
+                write_json(tmp / METRICS_FILE, {k: v for k, v in result.__dict__.items() if k != "adapter_dir"})
+        trainer.accelerator.wait_for_everyone()
     return result

@@ -1,6 +1,12 @@
-"""The compute runtime training runs on: CUDA when there is one, else CPU."""
+"""The compute runtime training runs on: CUDA when there is one, else CPU; one process, or N under accelerate."""
 
 
+import json
+import logging
+import socket
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +21,13 @@ class GpuResource(dg.ConfigurableResource):
         default="auto", description="auto: CUDA when torch sees a GPU, else CPU."
     )
     num_processes: int = Field(
-        default=1, description="Processes for data-parallel training; more than 1 launches `accelerate launch`."
+        default=1, ge=1,
+        description="Processes for data-parallel training (one per GPU); more than 1 runs `accelerate launch` "
+        "as a Dagster Pipes subprocess.",
+    )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="With num_processes > 1: ddp keeps a full model copy per process; fsdp shards it (CUDA only).",
     )
 
     def resolve_device(self) -> str:
@@ -25,19 +37,126 @@ class GpuResource(dg.ConfigurableResource):
 
     def train(self, context: dg.AssetExecutionContext, *, model_dir: Path, train_dataset_dir: Path, output_dir: Path,
               settings, max_length: int, on_log=None, adapter_init: Path | None = None):
-        """Train an ORPO LoRA adapter on this runtime and return the core's TrainResult."""
+        """Train an ORPO LoRA adapter on this runtime and return the core's TrainResult.
+
+        With num_processes > 1 this opens a Dagster Pipes session, after which Dagster takes only typed
+        results from the asset: it must return dg.Output(value) (or a MaterializeResult), not a bare value.
+        """
+        device = self.resolve_device()
+        if self.num_processes > 1:
+            return self._launch(context, device, model_dir=model_dir, train_dataset_dir=train_dataset_dir,
+                                output_dir=output_dir, settings=settings, max_length=max_length, on_log=on_log,
+                                adapter_init=adapter_init)
         import datasets
 
         from orpo_pipeline.training import train_orpo_adapter
 
         train = datasets.load_from_disk(str(train_dataset_dir))
-        return train_orpo_adapter(Path(model_dir), train, Path(output_dir), settings, max_length,
-                                  device=self.resolve_device(), on_log=on_log, adapter_init=adapter_init)
+        with _core_logs_to(context.log):
+            return train_orpo_adapter(Path(model_dir), train, Path(output_dir), settings, max_length,
+                                      device=device, on_log=on_log, adapter_init=adapter_init)
+
+    def launch_command(self, device: str, args_json: Path, port: int) -> list[str]:
+        """`accelerate launch` running orpo_pipeline.train_cli in num_processes processes on this machine."""
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.num_processes),
+               "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+               "--dynamo_backend", "no"]
+        if self.distributed == "fsdp":
+            cmd += ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
+                    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+                    "--fsdp_use_orig_params", "true",  # LoRA mixes frozen and trainable weights in one layer
+                    "--fsdp_sync_module_states", "true", "--fsdp_cpu_ram_efficient_loading", "false"]
+        else:
+            # not --cpu: accelerate then starts a single process (it expects MPI to start the rest); on CPU
+            # the Trainer's use_cpu makes each process join with gloo instead of NCCL
+            cmd += ["--multi_gpu"]
+        return cmd + ["-m", "orpo_pipeline.train_cli", "--args-json", str(args_json)]
+
+    def _launch(self, context, device: str, *, model_dir, train_dataset_dir, output_dir, settings, max_length,
+                on_log, adapter_init):
+        from orpo_pipeline.training import load_train_result
+
+        if self.distributed == "fsdp" and (device != "cuda" or settings.load_in_4bit):
+            raise dg.Failure("distributed: fsdp needs CUDA GPUs and full-precision weights; use ddp on CPU or "
+                             "with load_in_4bit")
+        spec = {"model_dir": str(model_dir), "train_dataset_dir": str(train_dataset_dir), "output_dir": str(output_dir),
+                "settings": settings.model_dump(), "max_length": max_length, "device": device,
+                "adapter_init": str(adapter_init) if adapter_init else None}
+
+        def on_message(payload) -> None:
+            if on_log is None or not isinstance(payload, dict) or "step" not in payload:
+                return
+            try:
+                on_log(int(payload["step"]), payload["logs"])
+            except Exception as e:  # raised in Pipes' reader thread, it would drop every later message
+                context.log.warning(f"on_log failed for streamed step {payload['step']}: {e!r}")
+
+        client = dg.PipesSubprocessClient(message_reader=StreamingMessageReader(on_message))
+        with tempfile.TemporaryDirectory(prefix="orpo-launch-") as tmp:
+            args_json = Path(tmp) / "train_args.json"
+            args_json.write_text(json.dumps(spec))
+            cmd = self.launch_command(device, args_json, free_port())
+            context.log.info(f"launching {self.num_processes} training processes ({self.distributed}): {' '.join(cmd)}")
+            client.run(context=context, command=cmd)  # a failed rank fails this step; stderr is in its logs
+        return load_train_result(Path(output_dir))
 
     def describe(self) -> str:
         import torch
 
         device = self.resolve_device()
+        procs = f", {self.num_processes} processes ({self.distributed})" if self.num_processes > 1 else ""
         if device == "cuda":
-            return f"cuda ({torch.cuda.get_device_name()}, {torch.cuda.device_count()} visible)"
-        return f"cpu ({torch.get_num_threads()} threads)"
+            return f"cuda ({torch.cuda.get_device_name()}, {torch.cuda.device_count()} visible{procs})"
+        return f"cpu ({torch.get_num_threads()} threads{procs})"
+
+
+class StreamingMessageReader(dg.PipesTempFileMessageReader):
+    """Hands each Pipes custom message to `on_message` as it arrives (the stock handler only keeps a list)."""
+
+    def __init__(self, on_message):
+        super().__init__()
+        self.on_message = on_message
+
+    @contextmanager
+    def read_messages(self, handler):
+        with super().read_messages(_Tap(handler, self.on_message)) as params:
+            yield params
+
+
+class _Tap:
+    def __init__(self, handler, on_message):
+        self._handler, self._on_message = handler, on_message
+
+    def __getattr__(self, name):
+        return getattr(self._handler, name)
+
+    def handle_message(self, message) -> None:
+        self._handler.handle_message(message)
+        if message.get("method") == "report_custom_message":
+            self._on_message(message["params"]["payload"])
+
+
+def free_port() -> int:
+    # the default 29500 collides with any other run on this machine
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _core_logs_to(dagster_log):
+    """Show the training core's log records (pad token, added tokens) in the Dagster run log."""
+
+    class Forward(logging.Handler):
+        def emit(self, record):
+            dagster_log.log(record.levelno, record.getMessage())
+
+    handler, core = Forward(logging.INFO), logging.getLogger("orpo_pipeline")
+    level = core.level
+    core.addHandler(handler)
+    core.setLevel(min(level or logging.INFO, logging.INFO))  # the root logger's WARNING would drop info records
+    try:
+        yield
+    finally:
+        core.removeHandler(handler)
+        core.setLevel(level)

@@ -1,11 +1,9 @@
 """The whole asset graph, materialized on a real Dagster instance against a real MLflow SQLite store."""
 
-import json
 from pathlib import Path
 
 import dagster as dg
 import datasets
-import mlflow
 import polars as pl
 import pytest
 

@@ -169,7 +169,7 @@ def test_drop_sensor_graphql_queue_and_champion_gate(deployment):
 
     # 1. a new file in the drop folder -> a partition and a run that registers a model version
     _drop(state, "factual.jsonl")
-    versions = wait_for("model version 1, gated", lambda: _gated(state, 1), 420, 5)
+    versions = wait_for("model version 1, gated", lambda: _gated(state, 1), 900, 5)
     client = mlflow.MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
     with dg.DagsterInstance.from_config(str(home)) as instance:
         keys = instance.get_dynamic_partitions("preference_files")
@@ -195,7 +195,7 @@ def test_drop_sensor_graphql_queue_and_champion_gate(deployment):
         statuses = [_run_status(port, r) for r in run_ids]
         return statuses if all(x in ("SUCCESS", "FAILURE", "CANCELED") for x in statuses) else None
 
-    statuses = wait_for("three GraphQL runs to finish", finished, 600, 5)
+    statuses = wait_for("three GraphQL runs to finish", finished, 1200, 5)
     assert statuses == ["SUCCESS"] * 3, statuses
     spans = _training_intervals(home, run_ids)
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), f"trainings overlapped: {spans}"
@@ -205,7 +205,7 @@ def test_drop_sensor_graphql_queue_and_champion_gate(deployment):
 
     # 3. a new file whose challenger cannot beat the champion (tolerance -1): the alias stays
     _drop(state, "safety.json")
-    versions = wait_for("model version 5, gated", lambda: _gated(state, 5), 420, 5)
+    versions = wait_for("model version 5, gated", lambda: _gated(state, 5), 900, 5)
     latest = versions[-1]
     assert latest.tags["champion_gate.decision"] == "rejected"
     assert "champion kept" in latest.tags["champion_gate.reason"]

@@ -1,3 +1,5 @@
+import importlib.util
+import logging
 import math
 
 import polars as pl
@@ -5,10 +7,18 @@ import pytest
 import torch
 
 from orpo_pipeline.clean import clean_preferences
-from orpo_pipeline.config import TrainSettings
+from orpo_pipeline.config import SAMPLE_DATA_DIR, TrainSettings
 from orpo_pipeline.ingest import iter_records, records_to_table
 from orpo_pipeline.tokenization import TOKEN_COLUMNS, tokenize_pairs
-from orpo_pipeline.training import PretokenizedORPOTrainer, load_lora_model, orpo_args, train_orpo_adapter
+from orpo_pipeline.training import (
+    PretokenizedORPOTrainer,
+    check_tokenized_with,
+    load_lora_model,
+    orpo_args,
+    set_chat_template,
+    set_pad_token,
+    train_orpo_adapter,
+)
 
 from .conftest import ULTRAFEEDBACK
 
@@ -62,3 +72,104 @@ def test_fused_loss_matches_reference_inside_the_trainer(long_pairs, tiny_model_
         assert mf[k] == pytest.approx(mr[k], rel=1e-4, abs=1e-6), k
     for n in gf:
         torch.testing.assert_close(gf[n], gr[n], rtol=1e-3, atol=1e-6)
+
+
+# ChatML-like, with a turn marker SmolLM2's vocab lacks
+TURNS_TEMPLATE = (
+    "{% for m in messages %}<|turn|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|turn|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def sample_pairs():
+    path = SAMPLE_DATA_DIR / "helpfulness.jsonl"
+    return clean_preferences(records_to_table(iter_records(path), path.name)).kept.head(4)
+
+
+def test_pad_token_policy(tiny_model_dir, caplog):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fresh = lambda: AutoTokenizer.from_pretrained(tiny_model_dir)  # noqa: E731
+    agree = lambda tok: (tok.pad_token_id, model.config.pad_token_id, model.generation_config.pad_token_id)  # noqa: E731
+
+    tok = fresh()  # the tokenizer's own pad wins, and model and generation config follow it
+    model.config.pad_token_id = model.generation_config.pad_token_id = 0
+    assert set_pad_token(tok, model) == tok.convert_tokens_to_ids("<|im_end|>") and len(set(agree(tok))) == 1
+
+    tok = fresh()  # else the model's
+    tok.pad_token, model.config.pad_token_id = None, 0
+    assert set_pad_token(tok, model) == 0 and tok.pad_token == "<|endoftext|>" and agree(tok) == (0, 0, 0)
+
+    tok = fresh()  # else eos, with a warning (SmolLM2 has none of <pad>, <|pad|>, <unk>)
+    tok.pad_token, model.config.pad_token_id = None, None
+    with caplog.at_level(logging.WARNING, logger="orpo_pipeline"):
+        assert set_pad_token(tok, model) == tok.eos_token_id and len(set(agree(tok))) == 1
+    assert "padding with eos" in caplog.text
+
+    for present, expected in ((["<unk>"], "<unk>"), (["<unk>", "<|pad|>"], "<|pad|>"), (["<|pad|>", "<pad>"], "<pad>")):
+        tok = fresh()  # else the first candidate in the vocab
+        tok.pad_token, model.config.pad_token_id = None, None
+        tok.add_tokens(present, special_tokens=True)
+        set_pad_token(tok, model)
+        assert tok.pad_token == expected and len(set(agree(tok))) == 1
+
+
+def test_chat_template_override_adds_tokens_trains_them_and_is_saved(tiny_model_dir, sample_pairs, tmp_path, caplog):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    template = tmp_path / "turns.jinja"
+    template.write_text(TURNS_TEMPLATE)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base_data = tokenize_pairs(sample_pairs, tok, max_length=128, min_completion_tokens=16).dataset
+    added = set_chat_template(tok, str(template))  # what the tokenize step has to do as well
+    assert tok.convert_ids_to_tokens(added) == ["<|turn|>"]
+    data = tokenize_pairs(sample_pairs, tok, max_length=128, min_completion_tokens=16).dataset
+    settings = TrainSettings(max_steps=1, per_device_train_batch_size=2, precision="fp32", chat_template=str(template))
+    with caplog.at_level(logging.INFO, logger="orpo_pipeline"):
+        result = train_orpo_adapter(tiny_model_dir, data, tmp_path / "adapter", settings, 128, device="cpu")
+    assert result.all_losses_finite and "added 1 tokens" in caplog.text and "do not end with" not in caplog.text
+    saved = AutoTokenizer.from_pretrained(tmp_path / "adapter")
+    assert saved.chat_template == TURNS_TEMPLATE and len(saved) == len(tok)
+    assert saved.pad_token_id == tok.pad_token_id
+
+    # the adapter carries the new token's rows; a base grown to the saved tokenizer loads and merges it
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base.resize_token_embeddings(len(saved))
+    merged = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload()
+    assert merged.get_input_embeddings().weight.shape[0] == len(saved)
+
+    caplog.clear()  # data tokenized with the base template is caught
+    with caplog.at_level(logging.WARNING, logger="orpo_pipeline"):
+        check_tokenized_with(tok, base_data)
+    assert "do not end with" in caplog.text
+    with pytest.raises(FileNotFoundError, match="neither a Jinja template"):
+        set_chat_template(tok, str(tmp_path / "missing.jinja"))
+
+
+def test_train_embeddings_and_norms_get_gradients(tiny_model_dir, sample_pairs, tmp_path):
+    plain, _ = load_lora_model(tiny_model_dir, TrainSettings(precision="fp32"), "cpu")
+    assert all("lora_" in n for n, p in plain.named_parameters() if p.requires_grad)
+
+    settings = TrainSettings(precision="fp32", train_embeddings=True, train_norms=True)
+    model, tok = load_lora_model(tiny_model_dir, settings, "cpu")
+    extra = {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert {n.split(".modules_to_save")[0].rsplit(".", 1)[-1] for n in extra} == {
+        "embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"}
+    base = model.get_base_model()  # tied: the head trains with the input embeddings
+    assert base.get_output_embeddings().weight.data_ptr() == base.get_input_embeddings().weight.data_ptr()
+
+    data = tokenize_pairs(sample_pairs, tok, max_length=128, min_completion_tokens=16).dataset.select_columns(TOKEN_COLUMNS)
+    trainer = PretokenizedORPOTrainer(model=model, args=orpo_args(settings, tmp_path, "cpu", 128),
+                                      train_dataset=data, processing_class=tok)
+    loss, _ = trainer.get_batch_loss_metrics(model, trainer.data_collator([data[i] for i in range(2)]))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in extra.values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
+def test_flash_attention_without_the_package_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(RuntimeError, match="needs the flash-attn package"):
+        load_lora_model(tiny_model_dir, TrainSettings(attn_implementation="flash_attention_2"), "cpu")
