@@ -1,4 +1,4 @@
-"""Cleaning throughput: orpo_pipeline.clean.clean_preferences (polars, lazy) vs the same rules written with
+"""Cleaning throughput: orpo_pipeline.clean.clean_preferences (polars) vs the same rules written with
 Hugging Face `datasets` map/filter, the way a TRL user cleans preference data today.
 
 Input: N synthetic pairs built by replicating and perturbing the real files in ../shared/data
@@ -9,7 +9,10 @@ appearing twice (exact duplicates, or duplicates only after normalization: NFD, 
 BOM / zero-width / no-break spaces), chosen == rejected, empty or whitespace-only fields, unparseable rows.
 
 Each method runs in its own fresh subprocess (peak RSS is its own). Before timing, both methods are run on
-a small sample and must keep the same rows (same set of content hashes and the same split).
+a small sample and must keep the same rows (same set of content hashes and the same split). The headline
+figures of the result file a run replaces are kept in its "previous" field.
+
+(The normalization prototype this file used to carry is now orpo_pipeline.clean itself: "ours".)
 
     nice -n 19 .venv/bin/python bench/clean_throughput.py                      # 2M pairs, baseline 200k
     nice -n 19 .venv/bin/python bench/clean_throughput.py --pairs 100000 --baseline-pairs 20000
@@ -18,7 +21,6 @@ a small sample and must keep the same rows (same set of content hashes and the s
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -27,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    RESULTS_DIR,
     SHARED_DATA,
     emit,
     fmt_rate,
@@ -152,9 +155,10 @@ def input_stats(raw) -> dict:
             "estimated_size_mb": round(raw.estimated_size("mb"), 1)}
 
 
-# Measured on this benchmark's input (200k pairs at real lengths, polars 2.1): the worker's peak RSS was about
-# 3.7 x the input's text bytes, plus ~0.3 GB of interpreter and libraries.
-PEAK_RSS_PER_TEXT_BYTE = 3.7
+# Measured on this benchmark's input (polars 2.1, the eager clean.py of 2026-11-21 17:00 UTC): the worker's peak
+# RSS was about 2.6 x the input's text bytes at 2M pairs cut to 256 characters and 1.9 x at 500k pairs at real
+# lengths (input included), plus ~0.3 GB of interpreter and libraries. (It was 3.7 x before the fast path.)
+PEAK_RSS_PER_TEXT_BYTE = 2.7
 BASE_RSS_MB = 300
 
 
@@ -278,108 +282,6 @@ def run_baseline(ds, num_proc: int | None = None):
     return ds
 
 
-# ---------------------------------------------------------------- PROTOTYPE (not "ours")
-# A faster normalization, to measure what changing clean.py's `normalize_text` would gain. The figure reported
-# as "ours" always comes from orpo_pipeline.clean as it is; this one is reported separately as "prototype",
-# and the check asserts it produces exactly the same kept and rejects tables.
-#
-# 1. NFC quick check: `str.normalize("NFC")` costs the same on text that is already NFC (almost all real text);
-#    a string with no character that is a combining mark, has NFC_Quick_Check != Yes or is unassigned, is NFC
-#    already, so only strings containing one of those are normalized (`when/then` evaluates the branch on
-#    matching rows only, at top level; not inside `list.eval`).
-# 2. every string with nothing any rule would change skips all rules (one regex scan decides).
-# 3. zero-width removal and odd-space replacement in one Aho-Corasick pass (`replace_many`) instead of two
-#    regex passes over character classes.
-# 4. prompt contents are normalized as one flat column (the list offsets are kept and reused), because inside
-#    `list.eval` the `when/then` fast paths evaluate every branch on every element.
-
-_ZERO_WIDTH = ["\u200b", "\u200c", "\u200d", "\ufeff"]
-_ODD_SPACES = ["\u00a0", *(chr(c) for c in range(0x2000, 0x200B)), "\u202f", "\u205f", "\u3000"]
-
-
-@functools.lru_cache(maxsize=1)
-def nfc_suspect_class() -> str:
-    """Regex class of the code points that may make a string non-NFC (computed once from unicodedata):
-    combining marks, characters NFC changes, second halves of canonical pairs, Hangul V/T jamo, and every
-    code point unassigned in Python's Unicode version (in case polars' is newer)."""
-    import unicodedata
-
-    need = set(range(0x1161, 0x1176)) | set(range(0x11A8, 0x11C3))
-    for cp in range(0x80, 0x110000):
-        if 0xD800 <= cp <= 0xDFFF:
-            continue
-        ch = chr(cp)
-        if unicodedata.combining(ch) or unicodedata.category(ch) == "Cn" or unicodedata.normalize("NFC", ch) != ch:
-            need.add(cp)
-        d = unicodedata.decomposition(ch)
-        if d and not d.startswith("<") and len(d.split()) == 2:
-            need.add(int(d.split()[1], 16))
-    ranges: list[list[int]] = []
-    for cp in sorted(need):
-        if ranges and cp == ranges[-1][1] + 1:
-            ranges[-1][1] = cp
-        else:
-            ranges.append([cp, cp])
-    esc = lambda c: f"\\x{{{c:x}}}"  # noqa: E731
-    return "[" + "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in ranges) + "]"
-
-
-def proto_normalize_text(e):
-    """Same output as orpo_pipeline.clean.normalize_text, for a column expression `e` (a leaf: it is repeated)."""
-    import polars as pl
-
-    nfc = nfc_suspect_class()
-    changes = nfc + r"|[\r\u200b\u200c\u200d\ufeff\u00a0\u2000-\u200a\u202f\u205f\u3000]|[ \t]\n|\n\n\n|^\s|\s$"
-    x = pl.when(e.str.contains(nfc)).then(e.str.normalize("NFC")).otherwise(e)
-    x = (
-        x.str.replace_all(r"\r\n?", "\n")
-        .str.replace_many(_ZERO_WIDTH + _ODD_SPACES, [""] * len(_ZERO_WIDTH) + [" "] * len(_ODD_SPACES))
-        .str.replace_all(r"[ \t]+\n", "\n")
-        .str.replace_all(r"\n{3,}", "\n\n")
-        .str.strip_chars()
-    )
-    return pl.when(e.str.contains(changes)).then(x).otherwise(e)
-
-
-def proto_normalize_messages(s):
-    """Normalize the contents of a List(Struct{role, content}) Series as one flat column, offsets reused."""
-    import polars as pl
-    import pyarrow as pa
-
-    arr = s.to_arrow()
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    flat = pl.from_arrow(arr.values).to_frame("m").select(
-        pl.struct(role=pl.col("m").struct.field("role"),
-                  content=proto_normalize_text(pl.col("m").struct.field("content"))).alias("m")
-    ).to_series().to_arrow()
-    if isinstance(flat, pa.ChunkedArray):
-        flat = flat.combine_chunks()
-    cls = pa.LargeListArray if pa.types.is_large_list(arr.type) else pa.ListArray
-    return pl.Series(s.name, cls.from_arrays(arr.offsets, flat, mask=arr.is_null())).cast(s.dtype)
-
-
-def run_prototype(raw):
-    """clean_preferences on pre-normalized columns, its own normalize_text swapped for identity meanwhile."""
-    import polars as pl
-
-    import orpo_pipeline.clean as clean
-
-    if not hasattr(clean, "normalize_text"):
-        raise RuntimeError("orpo_pipeline.clean has no normalize_text any more; the prototype needs updating")
-    pre = raw.lazy().with_columns(
-        pl.col("prompt").map_batches(proto_normalize_messages, return_dtype=raw.schema["prompt"]),
-        proto_normalize_text(pl.col("chosen")),
-        proto_normalize_text(pl.col("rejected")),
-    )
-    original = clean.normalize_text
-    clean.normalize_text = lambda e: e
-    try:
-        return clean.clean_preferences(pre, eval_fraction=EVAL_FRACTION)
-    finally:
-        clean.normalize_text = original
-
-
 # ---------------------------------------------------------------- workers
 
 
@@ -392,12 +294,9 @@ def worker(args) -> None:
     stats = input_stats(raw)
     result: dict = {"method": args.worker, "pairs": args.pairs, "build_seconds": round(build_s, 2), "input": stats,
                     "rss_after_build_mb": rss_mb(), "polars_threads": pl.thread_pool_size()}
-    if args.worker in ("ours", "prototype"):
-        if args.worker == "prototype":
-            nfc_suspect_class()  # built once per process (about 1 s), not part of cleaning
-        run = run_ours if args.worker == "ours" else run_prototype
+    if args.worker == "ours":
         with measure() as m:
-            res = run(raw)
+            res = run_ours(raw)  # includes building the NFC suspect class (once per process, about 0.4 s)
         result.update(kept=res.kept.height, rejected=res.rejects.height, reasons=res.reason_counts())
     elif args.worker == "baseline":
         t1 = time.perf_counter()
@@ -414,12 +313,6 @@ def worker(args) -> None:
         theirs = {f"{s}:{h}" for s, h in zip(out["split"], out["content_hash"])}
         result.update(kept_ours=res.kept.height, kept_baseline=len(out), reasons=res.reason_counts(),
                       same_keys=ours == theirs, only_ours=len(ours - theirs), only_baseline=len(theirs - ours))
-        try:
-            proto = run_prototype(raw)
-            result["prototype_identical"] = proto.kept.equals(res.kept) and proto.rejects.equals(res.rejects)
-        except Exception as e:  # the prototype is optional evidence; never block the benchmark on it
-            result["prototype_identical"] = None
-            result["prototype_error"] = f"{type(e).__name__}: {e}"
         emit(result)
         return
     else:
@@ -434,6 +327,20 @@ def worker(args) -> None:
 
 
 # ---------------------------------------------------------------- main
+
+
+def previous_result(out: str | None) -> dict | None:
+    """The headline figures of the result file this run will replace (same --out), to keep before/after."""
+    path = Path(out) if out else RESULTS_DIR / "clean_throughput.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ours, base = old.get("ours") or {}, old.get("baseline") or {}
+    return {"file": path.name, "timestamp_utc": old.get("timestamp_utc"), "ours_pairs_per_s": ours.get("pairs_per_s"),
+            "ours_cpu_seconds": ours.get("cpu_seconds"), "ours_peak_rss_mb": ours.get("peak_rss_mb"),
+            "ours_loadavg_before": ours.get("loadavg_before"), "baseline_pairs_per_s": base.get("pairs_per_s"),
+            "ratio": old.get("ratio"), "prototype_pairs_per_s": (old.get("prototype") or {}).get("pairs_per_s")}
 
 
 def _show(label: str, r: dict) -> None:
@@ -453,7 +360,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max-field-chars", type=int, default=0,
                     help="cut every real text to this many characters before replicating (default 0: real lengths)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of ours (fresh process each); the fastest is reported")
-    ap.add_argument("--no-prototype", action="store_true", help="skip timing the labeled normalization prototype")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="run even if the projected peak RSS exceeds 80%% of "
                     "the memory available")
@@ -465,6 +371,7 @@ def main(argv=None) -> int:
         return 0
 
     script = Path(__file__).resolve()
+    previous = previous_result(args.out)
     need_mb, avail_mb = projected_peak_mb(args.pairs, args.max_field_chars), available_mb()
     print(f"projected peak RSS of ours: ~{need_mb:,.0f} MB; memory available now: {avail_mb:,.0f} MB", flush=True)
     if avail_mb and need_mb > 0.8 * avail_mb and not args.force:
@@ -474,13 +381,11 @@ def main(argv=None) -> int:
     common = ["--seed", str(args.seed), "--max-field-chars", str(args.max_field_chars)]
     if args.baseline_num_proc:
         common += ["--baseline-num-proc", str(args.baseline_num_proc)]
-    print(f"[check] ours, baseline and prototype on {args.check_pairs:,} pairs ...", flush=True)
+    print(f"[check] ours and baseline on {args.check_pairs:,} pairs ...", flush=True)
     check = run_worker(script, ["--worker", "check", "--pairs", str(args.check_pairs), *common])
     print(f"  kept: ours {check['kept_ours']:,}, baseline {check['kept_baseline']:,}; same content keys and split: "
           f"{check['same_keys']} (only ours {check['only_ours']}, only baseline {check['only_baseline']})")
     print(f"  reject reasons (ours): {check['reasons']}")
-    print(f"  prototype gives identical kept + rejects tables: {check['prototype_identical']}"
-          + (f" ({check['prototype_error']})" if check.get("prototype_error") else ""))
     if check["kept_ours"] != check["kept_baseline"] or not check["same_keys"]:
         print("ERROR: the baseline does not implement the same rules; figures would not be comparable")
         return 2
@@ -497,12 +402,6 @@ def main(argv=None) -> int:
     base = run_worker(script, ["--worker", "baseline", "--pairs", str(args.baseline_pairs), *common])
     _show("baseline", base)
 
-    proto = None
-    if not args.no_prototype and check.get("prototype_identical"):
-        print(f"[prototype, not ours] faster normalize_text on {args.pairs:,} pairs ...", flush=True)
-        proto = run_worker(script, ["--worker", "prototype", "--pairs", str(args.pairs), *common])
-        _show("prototype", proto)
-
     ratio = ours["pairs_per_s"] / base["pairs_per_s"]
     targets = {
         "ours_pairs_per_s>=500k": ours["pairs_per_s"] >= TARGET_PAIRS_PER_S,
@@ -516,9 +415,6 @@ def main(argv=None) -> int:
     print(f"  baseline  {fmt_rate(base['pairs_per_s']):>10} pairs/s  ({args.baseline_pairs:,} pairs)  "
           f"peak RSS {base['peak_rss_mb']:,.0f} MB")
     print(f"  ratio     {ratio:.1f}x   (CPU-time ratio {ours['pairs_per_cpu_s'] / base['pairs_per_cpu_s']:.1f}x)")
-    if proto:
-        print(f"  prototype {fmt_rate(proto['pairs_per_s']):>10} pairs/s  ({proto['pairs_per_s'] / ours['pairs_per_s']:.1f}x "
-              f"ours, {proto['pairs_per_s'] / base['pairs_per_s']:.1f}x baseline; NOT ours: a proposed clean.py change)")
     if args.baseline_pairs != args.pairs:
         print(f"  note: the baseline ran on {args.baseline_pairs:,} pairs, ours on {args.pairs:,}; pairs/s are compared")
     print(f"  target ours >= {TARGET_PAIRS_PER_S:,} pairs/s: {verdict(targets['ours_pairs_per_s>=500k'])}")
@@ -533,14 +429,13 @@ def main(argv=None) -> int:
                             "dpo_en_demo (flattened), built in polars in RAW_SCHEMA; build not timed",
                    "ours": "orpo_pipeline.clean.clean_preferences(raw) (kept + rejects tables)",
                    "baseline": "datasets.Dataset.from_polars (not timed) then filter/map/filter/filter/map/"
-                               "filter(sha256 + Python set)/map, same rules",
-                   "prototype": "NOT ours: clean_preferences with a faster normalize_text (see bench file)"},
+                               "filter(sha256 + Python set)/map, same rules"},
         "check": check,
         "ours": ours,
         "ours_runs": runs,
         "baseline": base,
-        "prototype": proto,
         "ratio": ratio,
+        "previous": previous,
         "targets": {"pairs_per_s": TARGET_PAIRS_PER_S, "ratio": TARGET_RATIO, "peak_rss_mb": TARGET_PEAK_RSS_MB,
                     "met": targets},
     }, args.out)

@@ -9,10 +9,28 @@ Nothing is lost: rows in = kept + rejected, and each reject keeps its source.
 
 Train/eval split is a hash of the normalized prompt, so a prompt never lands in
 both and adding data never moves an old row to the other side.
+
+Text normalization (`normalize_text`) is NFC, unix newlines, no zero-width or odd
+spaces, no trailing blanks, no runs of blank lines, stripped. It is written for
+speed, with the same output as applying those rules to every string
+(tests/test_cleaning.py checks that against plain `unicodedata` + `re`):
+
+- a string no rule can change is returned as is; one regex scan decides
+  (`_changes_pattern`), and in real data that is most strings;
+- NFC runs only on strings that contain an "NFC suspect" code point
+  (`nfc_suspect_ranges`): a string without one is already NFC;
+- zero-width removal and odd-space replacement are one Aho-Corasick pass;
+- rewritten strings are gathered back into the column, so the others are shared
+  with the input, not copied (`normalize_series`);
+- prompt message contents are normalized as one flat column and put back into
+  their lists with the original offsets (`normalize_messages`), because inside
+  `list.eval` the guards above would evaluate every branch on every element.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
@@ -64,17 +82,168 @@ class CleanResult:
         return {r: int(counts.get(r, 0)) for r in REASONS}
 
 
-def normalize_text(e: pl.Expr) -> pl.Expr:
-    """NFC, unix newlines, no zero-width or odd spaces, no trailing blanks."""
+# ---------------------------------------------------------------- text normalization
+
+ZERO_WIDTH = ("\u200b", "\u200c", "\u200d", "\ufeff")  # removed
+ODD_SPACES = ("\u00a0", *(chr(c) for c in range(0x2000, 0x200B)), "\u202f", "\u205f", "\u3000")  # -> " "
+# Hangul vowel (V) and trailing consonant (T) jamo: NFC composes L+V and LV+T algorithmically
+HANGUL_V = (0x1161, 0x1175)
+HANGUL_T = (0x11A8, 0x11C2)
+
+
+@functools.lru_cache(maxsize=1)
+def nfc_suspect_ranges() -> tuple[tuple[int, int], ...]:
+    """The code points that can make a string non-NFC, as sorted, inclusive, non-adjacent (first, last) ranges.
+
+    By the NFC quick check of UAX #15, a string in which every code point has canonical combining class 0 and
+    NFC_Quick_Check = Yes is in NFC already. The complement of that is computed once from `unicodedata`
+    (about 0.4 s):
+
+    - combining marks: every code point with a non-zero canonical combining class (they may need reordering,
+      or compose with what precedes them);
+    - every code point that NFC changes on its own (NFC_Quick_Check = No): singletons such as U+212B ANGSTROM
+      SIGN and the CJK compatibility ideographs U+F900..U+FAD9, composition exclusions such as U+0958, and
+      non-starter decompositions such as U+0344;
+    - every code point that may compose with the one before it (NFC_Quick_Check = Maybe): the second half of
+      any two-code-point canonical decomposition (U+0301, but also starters such as U+09BE or U+0CD5), and the
+      Hangul V and T jamo;
+    - every code point unassigned in Python's Unicode version: polars' NFC follows a newer Unicode, in which
+      some of them are combining marks or compose (U+1E4EC, U+113C2, ...).
+
+    Surrogates (U+D800..U+DFFF) cannot occur in polars strings and are left out.
+    tests/test_cleaning.py checks the class over every BMP code point and a sample of astral ones.
+    """
+    import unicodedata
+
+    suspect = set(range(HANGUL_V[0], HANGUL_V[1] + 1)) | set(range(HANGUL_T[0], HANGUL_T[1] + 1))
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        ch = chr(cp)
+        if unicodedata.category(ch) == "Cn":
+            suspect.add(cp)
+            continue
+        if unicodedata.combining(ch) or not unicodedata.is_normalized("NFC", ch):
+            suspect.add(cp)
+        d = unicodedata.decomposition(ch)
+        if d and not d.startswith("<"):
+            parts = d.split()
+            if len(parts) == 2:
+                suspect.add(int(parts[1], 16))
+    ranges: list[list[int]] = []
+    for cp in sorted(suspect):
+        if ranges and cp == ranges[-1][1] + 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    return tuple((a, b) for a, b in ranges)
+
+
+@functools.lru_cache(maxsize=1)
+def nfc_suspect_class() -> str:
+    """`nfc_suspect_ranges` as a regex character class (Rust regex syntax, as polars reads it)."""
+    def esc(cp: int) -> str:
+        return f"\\x{{{cp:X}}}"
+
+    return "[" + "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in nfc_suspect_ranges()) + "]"
+
+
+@functools.lru_cache(maxsize=1)
+def _changes_pattern() -> str:
+    """Matches a string iff some normalization rule could change it (NFC, CRLF/CR, zero-width or odd space,
+    blanks before a newline, 3+ newlines, leading or trailing White_Space: `\\s` and `strip_chars()` both use
+    Unicode White_Space). A string it does not match is its own normalization."""
+    odd = "".join(ZERO_WIDTH + ODD_SPACES)
+    return nfc_suspect_class() + f"|[\r{odd}]|[ \t]\n|\n\n\n|^\\s|\\s$"
+
+
+def _rules(e: pl.Expr) -> pl.Expr:
+    """Every rule, in order, on every string of `e`; NFC only where a suspect code point occurs."""
+    nfc = pl.when(e.str.contains(nfc_suspect_class())).then(e.str.normalize("NFC")).otherwise(e)
     return (
-        e.str.normalize("NFC")
-        .str.replace_all(r"\r\n?", "\n")
-        .str.replace_all("[\u200b\u200c\u200d\ufeff]", "")
-        .str.replace_all("[\u00a0\u2000-\u200a\u202f\u205f\u3000]", " ")
+        nfc.str.replace_all(r"\r\n?", "\n")
+        .str.replace_many(list(ZERO_WIDTH + ODD_SPACES), [""] * len(ZERO_WIDTH) + [" "] * len(ODD_SPACES))
         .str.replace_all(r"[ \t]+\n", "\n")
         .str.replace_all(r"\n{3,}", "\n\n")
         .str.strip_chars()
     )
+
+
+def normalize_text(e: pl.Expr) -> pl.Expr:
+    """NFC, unix newlines, no zero-width or odd spaces, no trailing blanks, no 3+ newlines, stripped.
+
+    As an expression, for use in any query. `e` is repeated, so pass a column (or another cheap expression).
+    The guards are top-level `when/then`, which evaluate their branch on the matching rows only (not inside
+    `list.eval`). `clean_preferences` uses `normalize_series` and `normalize_messages`: the same strings,
+    faster, and without copying the ones no rule changes.
+    """
+    return pl.when(e.str.contains(_changes_pattern())).then(_rules(e)).otherwise(e)
+
+
+def _rewrite(s: pl.Series, where: pl.Series, fn: Callable[[pl.Series], pl.Series]) -> pl.Series:
+    """`fn` applied to the strings of `s` where `where` is true; the others are kept as they are.
+
+    The result is gathered from `s` and the rewritten strings, so the strings kept are shared with `s`, not
+    copied (a `when/then` would copy all of them, and evaluate `fn` on every row inside `list.eval`)."""
+    where = where.fill_null(False)
+    n = int(where.sum())
+    if n == 0:
+        return s
+    changed = fn(s.filter(where)).alias(s.name)
+    if n == len(s):
+        return changed
+    # position of each output string in concat([s, changed]): its own row, or its rewritten copy
+    pos = where.alias("w").to_frame().select(
+        pl.when("w").then(pl.col("w").cum_sum().cast(pl.Int64) + (len(s) - 1))
+        .otherwise(pl.int_range(pl.len(), dtype=pl.Int64))
+    ).to_series()
+    return pl.concat([s, changed], rechunk=True).gather(pos)
+
+
+def _apply_rules(s: pl.Series) -> pl.Series:
+    """`_rules` for a Series: the costly rules run only on the strings they can change."""
+    s = _rewrite(s, s.str.contains(nfc_suspect_class()), lambda x: x.str.normalize("NFC"))
+    s = s.str.replace_all(r"\r\n?", "\n").str.replace_many(
+        list(ZERO_WIDTH + ODD_SPACES), [""] * len(ZERO_WIDTH) + [" "] * len(ODD_SPACES)
+    )
+    s = _rewrite(s, s.str.contains(r"[ \t]\n"), lambda x: x.str.replace_all(r"[ \t]+\n", "\n"))
+    return s.str.replace_all(r"\n{3,}", "\n\n").str.strip_chars()
+
+
+def normalize_series(s: pl.Series) -> pl.Series:
+    """`normalize_text` for a String Series: only the strings some rule changes are rewritten (one regex scan
+    decides); the others are shared with `s`, not copied."""
+    return _rewrite(s, s.str.contains(_changes_pattern()), _apply_rules)
+
+
+def normalize_messages(prompt: pl.Series) -> pl.Series:
+    """`normalize_series` on the contents of a List(Struct{role, content}) Series: the contents of all rows are
+    normalized as one flat column, then put back into lists with the original offsets and null rows.
+
+    Same result as `prompt.list.eval(pl.struct(role=<role>, content=normalize_text(<content>)))`, including
+    that a null message becomes a message with null role and content."""
+    import pyarrow as pa
+
+    arr = prompt.to_arrow(compat_level=pl.CompatLevel.newest())  # zero-copy (string views)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    # `values` is the whole child array, ignoring a slice offset; `offsets` are sliced and point into it
+    messages = pl.from_arrow(arr.values)
+    # polars' struct.field, not the arrow children: a null message gives null fields, as in list.eval
+    fields = [messages.struct.field("role"), normalize_series(messages.struct.field("content"))]
+    fields = [f.to_arrow(compat_level=pl.CompatLevel.newest()) for f in fields]
+    fields = [f.combine_chunks() if isinstance(f, pa.ChunkedArray) else f for f in fields]
+    flat = pa.StructArray.from_arrays(fields, names=["role", "content"])
+    cls = pa.LargeListArray if pa.types.is_large_list(arr.type) else pa.ListArray
+    offsets, mask = arr.offsets, None
+    if arr.null_count:
+        mask = arr.is_null()
+        if arr.offset:  # pyarrow takes a null mask only with unsliced offsets: copy them (n + 1 integers)
+            offsets = pa.array(offsets.to_numpy(), type=offsets.type)
+    return pl.Series(prompt.name, cls.from_arrays(offsets, flat, mask=mask)).cast(prompt.dtype)
+
+
+# ---------------------------------------------------------------- cleaning
 
 
 def _prompt_key(prompt: pl.Expr) -> pl.Expr:
@@ -101,6 +270,29 @@ def _score_rules(reason: pl.Expr, min_score_margin: float | None) -> pl.Expr:
     )
 
 
+# the raw columns cleaning reads; everything else in the raw table (format, ...) is never loaded
+_INPUT_COLUMNS = ["source_file", "source_row", "prompt", "chosen", "rejected", "score_chosen", "score_rejected",
+                  "error", "error_reason"]
+# rows hashed at a time: the prompt key and the concatenated pair (two copies of the text) exist for one slice
+HASH_SLICE_ROWS = 1 << 16
+
+
+def _hashes(df: pl.DataFrame) -> pl.DataFrame:
+    """prompt_hash = sha256(prompt key), content_hash = sha256(prompt key, chosen, rejected), a slice at a time."""
+    parts = []
+    for offset in range(0, df.height, HASH_SLICE_ROWS):
+        part = df.slice(offset, HASH_SLICE_ROWS).select(_prompt_key(pl.col("prompt")).alias("prompt_key"),
+                                                        "chosen", "rejected")
+        parts.append(part.select(
+            plh.col("prompt_key").chash.sha2_256().alias("prompt_hash"),
+            plh.concat_str(["prompt_key", "chosen", "rejected"], separator="\x1d").chash.sha2_256()
+            .alias("content_hash"),
+        ))
+    if not parts:
+        return pl.DataFrame(schema={"prompt_hash": pl.String, "content_hash": pl.String})
+    return pl.concat(parts, rechunk=True)
+
+
 def clean_preferences(
     raw: pl.DataFrame | pl.LazyFrame,
     eval_fraction: float = 0.2,
@@ -112,19 +304,14 @@ def clean_preferences(
     With `min_score_margin` set, scored pairs whose scores tie or whose
     score_chosen - score_rejected is below it are rejected; unscored rows are not.
     """
-    lf = _with_ingest_columns(raw.lazy())
-    content = pl.element().struct.field("content")
-    norm = lf.with_columns(
-        pl.col("prompt").list.eval(
-            pl.struct(role=pl.element().struct.field("role"), content=normalize_text(content))
-        ),
-        normalize_text(pl.col("chosen")),
-        normalize_text(pl.col("rejected")),
-    ).with_columns(_prompt_key(pl.col("prompt")).alias("prompt_key"))
-    norm = norm.with_columns(
-        plh.col("prompt_key").chash.sha2_256().alias("prompt_hash"),
-        plh.concat_str(["prompt_key", "chosen", "rejected"], separator="\x1d").chash.sha2_256().alias("content_hash"),
+    # Eager, step by step: each step adds columns to the same frame and nothing is copied that need not be.
+    # (Lazily, polars 2.1's default streaming engine ran the window below 4x slower, and panicked on the
+    # final filter + select with an assertion in pl.format.)
+    df = _with_ingest_columns(raw.lazy()).select(_INPUT_COLUMNS).collect()  # no copy for a DataFrame
+    df = df.with_columns(
+        normalize_messages(df["prompt"]), normalize_series(df["chosen"]), normalize_series(df["rejected"])
     )
+    df = df.hstack(_hashes(df))
     empty_prompt = (
         pl.col("prompt").list.len().fill_null(0).eq(0)
         | pl.col("prompt").list.eval(pl.element().struct.field("content").str.len_bytes().eq(0)).list.any()
@@ -141,39 +328,46 @@ def clean_preferences(
         .when(pl.col("chosen") == pl.col("rejected"))
         .then(pl.lit("chosen_equals_rejected"))
     )
-    norm = norm.with_columns(_score_rules(reason, min_score_margin).alias("reason"))
-    # first occurrence wins, in source order; it names the copy it kept
+    df = df.with_columns(_score_rules(reason, min_score_margin).alias("reason"))
+    # first occurrence wins, in source order; it names the copy it kept. A window, not a group_by + join (a
+    # join would gather every column of the table once more); like a join, a null hash matches nothing.
     valid = pl.col("reason").is_null()
-    first = (
-        norm.filter(valid)
-        .group_by("content_hash", maintain_order=True)
-        .agg(first_source=pl.format("{}:{}", pl.col("source_file").first(), pl.col("source_row").first()),
-             first_file=pl.col("source_file").first(), first_row=pl.col("source_row").first())
+    hashed = pl.col("content_hash").is_not_null()
+    df = df.with_columns(
+        first_file=pl.when(hashed).then(pl.col("source_file").filter(valid).first().over("content_hash")),
+        first_row=pl.when(hashed).then(pl.col("source_row").filter(valid).first().over("content_hash")),
     )
-    norm = norm.join(first, on="content_hash", how="left", maintain_order="left")
     is_copy = valid & ~((pl.col("source_file") == pl.col("first_file")) & (pl.col("source_row") == pl.col("first_row")))
     if known_hashes is not None:
         is_copy = is_copy | (valid & pl.col("content_hash").is_in(known_hashes.implode()))
-    norm = norm.with_columns(
-        pl.when(is_copy).then(pl.lit("duplicate_pair")).otherwise(pl.col("reason")).alias("reason"),
-    ).with_columns(
+    df = df.with_columns(pl.when(is_copy).then(pl.lit("duplicate_pair")).otherwise(pl.col("reason")).alias("reason"))
+    # Each table is cut out with only its columns (string data is shared, not copied), then gets the column
+    # only it needs: the split for kept rows, the detail for rejected ones.
+    keep = df["reason"].is_null()
+    bucket = pl.col("prompt_hash").str.slice(0, 8).str.to_integer(base=16) % 10_000
+    split = pl.when(bucket < int(round(eval_fraction * 10_000))).then(pl.lit("eval")).otherwise(pl.lit("train"))
+    kept = (
+        df.select(KEPT_COLUMNS[:7] + KEPT_COLUMNS[8:]).filter(keep)
+        .select(*KEPT_COLUMNS[:7], split.alias("split"), *KEPT_COLUMNS[8:])
+    )
+    first_source = pl.format("{}:{}", pl.col("first_file"), pl.col("first_row"))
+    detail = (
         pl.when(pl.col("error").is_not_null())
         .then(pl.col("error"))
         .when(pl.col("reason").is_in(["score_tie", "score_margin_below_min"]))
         .then(pl.format("{}:{}: {} (score_chosen {}, score_rejected {})", "source_file", "source_row", "reason",
                         "score_chosen", "score_rejected"))
         .when(pl.col("reason") == "duplicate_pair")
-        .then(pl.format("duplicate of {}", pl.col("first_source").fill_null("an earlier partition")))
+        .then(pl.format("duplicate of {}", first_source.fill_null("an earlier partition")))
         .when(pl.col("reason").is_not_null())
         .then(pl.format("{}:{}: {}", pl.col("source_file"), pl.col("source_row"), pl.col("reason")))
-        .alias("detail")
     )
-    bucket = pl.col("prompt_hash").str.slice(0, 8).str.to_integer(base=16) % 10_000
-    norm = norm.with_columns(
-        pl.when(bucket < int(round(eval_fraction * 10_000))).then(pl.lit("eval")).otherwise(pl.lit("train")).alias("split")
-    ).collect()
-    kept = norm.filter(pl.col("reason").is_null()).select(KEPT_COLUMNS)
-    rejects = norm.filter(pl.col("reason").is_not_null()).select(REJECT_COLUMNS)
+    reject_inputs = [*REJECT_COLUMNS[:3], *REJECT_COLUMNS[4:], "error", "first_file", "first_row", "score_chosen",
+                     "score_rejected"]
+    rejects = (
+        df.select(reject_inputs).filter(~keep)
+        .select(pl.col(REJECT_COLUMNS[:3]), detail.alias("detail"), pl.col(REJECT_COLUMNS[4:]))
+    )
     return CleanResult(kept=kept, rejects=rejects)
 
 

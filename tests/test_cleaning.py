@@ -1,11 +1,18 @@
 import json
+import random
+import re
+import unicodedata
+from unittest import mock
 
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from orpo_pipeline import clean
 from orpo_pipeline.clean import clean_preferences, table_digest
 from orpo_pipeline.config import SAMPLE_DATA_DIR
-from orpo_pipeline.ingest import PreferenceFormatError, iter_records, read_preference_dir, records_to_table
+from orpo_pipeline.ingest import RAW_SCHEMA, PreferenceFormatError, iter_records, read_preference_dir, records_to_table
 
 from .conftest import ULTRAFEEDBACK
 
@@ -98,3 +105,199 @@ def test_non_utf8_line_is_reported_not_replaced(tmp_path):
     result = clean_preferences(records_to_table(iter_records(path), "bytes.jsonl"))
     assert len(result.kept) == 1
     assert "not UTF-8" in result.rejects["detail"][0] and "bytes.jsonl:2" in result.rejects["detail"][0]
+
+
+# ---------------------------------------------------------------- fast normalization == straightforward rules
+
+# Unicode White_Space, which polars' strip_chars() trims (Rust str::trim); Python's str.strip() would also trim
+# \x1c-\x1f, so the set is named
+WHITE_SPACE = "".join(["\t\n\x0b\x0c\r \x85\xa0\u1680", *map(chr, range(0x2000, 0x200B)), "\u2028\u2029\u202f\u205f\u3000"])
+
+
+def reference_normalize(s):
+    """The rules, applied the plain way: Python's NFC on every string, then each regex."""
+    if s is None:
+        return None
+    s = unicodedata.normalize("NFC", s)
+    s = re.sub(r"\r\n?", "\n", s)
+    s = re.sub("[\u200b\u200c\u200d\ufeff]", "", s)
+    s = re.sub("[\u00a0\u2000-\u200a\u202f\u205f\u3000]", " ", s)
+    s = re.sub(r"[ \t]+\n", "\n", s)
+    s = re.sub(r"\n{3,}", "\n\n", s)
+    return s.strip(WHITE_SPACE)
+
+
+def reference_series(s: pl.Series) -> pl.Series:
+    return pl.Series(s.name, [reference_normalize(x) for x in s.to_list()], dtype=pl.String)
+
+
+def reference_messages(prompt: pl.Series) -> pl.Series:
+    # as list.eval(pl.struct(role=..., content=...)) does it: a null message becomes one with null fields
+    rows = [None if msgs is None else [{"role": None if m is None else m["role"],
+                                        "content": None if m is None else reference_normalize(m["content"])}
+                                       for m in msgs] for msgs in prompt.to_list()]
+    return pl.Series(prompt.name, rows, dtype=prompt.dtype)
+
+
+def all_rules_polars(e: pl.Expr) -> pl.Expr:
+    """The rules as polars expressions on every string, NFC included (clean.py before the fast path)."""
+    return (
+        e.str.normalize("NFC")
+        .str.replace_all(r"\r\n?", "\n")
+        .str.replace_all("[\u200b\u200c\u200d\ufeff]", "")
+        .str.replace_all("[\u00a0\u2000-\u200a\u202f\u205f\u3000]", " ")
+        .str.replace_all(r"[ \t]+\n", "\n")
+        .str.replace_all(r"\n{3,}", "\n\n")
+        .str.strip_chars()
+    )
+
+
+def clean_both_ways(raw, **kwargs):
+    fast = clean_preferences(raw, **kwargs)
+    with mock.patch.object(clean, "normalize_series", reference_series), \
+            mock.patch.object(clean, "normalize_messages", reference_messages):
+        ref = clean_preferences(raw, **kwargs)
+    return fast, ref
+
+
+def assert_same_tables(fast, ref):
+    assert fast.kept.schema == ref.kept.schema and fast.rejects.schema == ref.rejects.schema
+    assert fast.kept.equals(ref.kept)
+    assert fast.rejects.equals(ref.rejects)
+
+
+def _suspects() -> set[int]:
+    return {cp for a, b in clean.nfc_suspect_ranges() for cp in range(a, b + 1)}
+
+
+ASTRAL_SAMPLE = sorted(
+    set(range(0x10000, 0x110000, 97))
+    | set(range(0x1D15E, 0x1D165)) | set(range(0x1D1BB, 0x1D1C1))  # musical symbols: composition exclusions
+    | set(range(0x2F800, 0x2FA1E))  # CJK compatibility ideographs supplement: singletons
+    | {0x1109A, 0x1109C, 0x110AB, 0x110BA, 0x1112E, 0x1112F, 0x11127, 0x11131, 0x11132}  # Kaithi, Chakma pairs
+    | {0x1F600, 0x1F44D, 0x1F3FB, 0x1E4EC, 0x113C2, 0x113C5, 0x16D67, 0x16D68}  # emoji, newer-Unicode marks
+)
+CODE_POINTS = [cp for cp in range(0x10000) if not 0xD800 <= cp <= 0xDFFF] + ASTRAL_SAMPLE
+
+
+def test_a_code_point_outside_the_nfc_suspect_class_is_nfc_and_never_composes():
+    """Over every BMP code point and a sample of astral ones: what the class leaves out is NFC on its own,
+    has combining class 0, and is never the second half of a canonical composition. By the NFC quick check
+    (UAX #15), a string of such code points is NFC, so any string NFC changes holds a suspect."""
+    suspects = _suspects()
+    outside = [cp for cp in CODE_POINTS if cp not in suspects]
+    for cp in outside:
+        ch = chr(cp)
+        assert unicodedata.combining(ch) == 0, hex(cp)
+        assert unicodedata.is_normalized("NFC", ch), hex(cp)
+    # every canonical pair, over all of Unicode: its second half may compose with what precedes it
+    for cp in range(0x110000):
+        d = unicodedata.decomposition(chr(cp)) if not 0xD800 <= cp <= 0xDFFF else ""
+        if d and not d.startswith("<") and len(d.split()) == 2:
+            assert int(d.split()[1], 16) in suspects, hex(cp)
+    assert all(cp in suspects for cp in [*range(0x1161, 0x1176), *range(0x11A8, 0x11C3)])  # Hangul V, T jamo
+    # polars (a newer Unicode than Python's) agrees on every code point left out, alone and after each
+    # character that can start a composition (first halves of canonical pairs, Hangul L jamo and LV syllables)
+    starters = {int(d.split()[0], 16) for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF
+                for d in [unicodedata.decomposition(chr(cp))] if d and not d.startswith("<") and len(d.split()) == 2}
+    starters = (starters | set(range(0x1100, 0x1113)) | set(range(0xAC00, 0xD7A4, 28))) - suspects
+    body = "".join(map(chr, outside))
+    texts = [body, body[::-1]] + ["".join(chr(a) + c for c in body[i::7]) for i, a in enumerate(sorted(starters))]
+    assert all(unicodedata.is_normalized("NFC", t) for t in texts)
+    series = pl.Series(texts)
+    assert series.str.normalize("NFC").equals(series)
+
+
+def test_strings_nfc_changes_contain_a_suspect():
+    """Random strings mixing suspects with plain text: NFC changes a string only if it holds a suspect."""
+    suspects = _suspects()
+    rng = random.Random(0)
+    pool = [cp for cp in CODE_POINTS if unicodedata.category(chr(cp)) != "Cn"]
+    marks = [cp for cp in pool if cp in suspects]
+    texts = ["".join(chr(rng.choice(marks if rng.random() < 0.2 else pool)) for _ in range(rng.randint(1, 8)))
+             for _ in range(20_000)]
+    found = pl.Series(texts).str.contains(clean.nfc_suspect_class()).to_list()
+    for text, has_suspect in zip(texts, found):
+        assert has_suspect == any(ord(c) in suspects for c in text)  # the regex class is the set
+        if not unicodedata.is_normalized("NFC", text):
+            assert has_suspect, ascii(text)
+
+
+def test_normalize_series_equals_the_rules_on_every_code_point():
+    """Each code point in a few contexts: the fast path gives what every rule on every string gives, in
+    polars (any code point) and in plain Python (code points Python's Unicode assigns)."""
+    # alone, then next to what each rule acts on, one rule at a time (so a gate that missed it would show)
+    contexts = ["{}", "a{}", "{}\u0301", "\u1100{}", "a{}\n\n\nb", "a \n{}b", "a\t\n{}", "a\r{}", "x{}\u200bz",
+                "x\u00a0{}z", " {}z", "z{} "]
+    texts = [ctx.format(chr(cp)) for cp in CODE_POINTS for ctx in contexts]
+    series = pl.Series("t", texts)
+    fast = clean.normalize_series(series)
+    assert fast.equals(series.to_frame().select(all_rules_polars(pl.col("t"))).to_series())
+    assert fast.equals(series.to_frame().select(clean.normalize_text(pl.col("t"))).to_series())
+    assigned = [i for i, cp in enumerate(cp for cp in CODE_POINTS for _ in contexts)
+                if unicodedata.category(chr(cp)) != "Cn"]
+    assert fast.gather(assigned).to_list() == [reference_normalize(texts[i]) for i in assigned]
+
+
+def _edge_rows():
+    def msgs(*contents):
+        return [{"role": "user", "content": c} for c in contents]
+
+    none = (None, None, None, None, None)
+    return [
+        ("a", 1, msgs("Cafe\u0301 ?"), "x\r\n", "y", *none),
+        ("a", 2, msgs("Café ?"), "x", "y", *none),
+        ("a", 3, None, None, None, None, None, "a:3: malformed JSON", "unparseable", None),
+        ("a", 4, [], "x", "y", *none),
+        ("a", 5, [None], "x", "y", *none),
+        ("a", 6, [{"role": None, "content": "q"}], "x", "y", *none),
+        ("a", 7, [{"role": "user", "content": None}], "x", "y", *none),
+        ("a", 8, msgs("q"), None, "y", *none),  # no chosen but no error: no hash, never a duplicate
+        ("a", 9, msgs("q"), None, "y", *none),
+        ("a", 9, msgs("q"), "x", "y", *none),  # the same source row twice: neither is a copy of the other
+        ("a", 9, msgs("q"), "x", "y", *none),
+        ("b", 1, msgs("q", " \u200b"), "x", "y", 3.0, 3.0, None, None, None),
+        ("b", 2, msgs("sys", "q\u3000\n\n\n\nz"), "x", "y", 5.0, 3.0, None, None, None),
+        ("b", 3, msgs("\ufeffq"), "x ", "y", 5.0, 4.9, None, None, None),
+        ("b", 4, msgs("q"), "x", "y", None, None, "b:4: tie", "annotator_tie", None),
+        ("b", 5, msgs("\u1100\u1161"), "\u212b", "\u0958", None, None, None, None, None),
+        ("b", 6, msgs("e\u200d\u0301"), "\t x \u2028", "y\u0316\u0301", None, None, None, None, None),
+    ]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"min_score_margin": 0.5}, {"eval_fraction": 0.5}])
+def test_fast_path_equals_reference_on_sample_and_edge_rows(kwargs):
+    sample = read_preference_dir(SAMPLE_DATA_DIR)
+    edge = pl.DataFrame(_edge_rows(), schema=RAW_SCHEMA, orient="row")
+    for raw in (sample, edge, edge.slice(2), pl.concat([edge.head(7), edge.slice(7)], rechunk=False), edge.head(0)):
+        assert_same_tables(*clean_both_ways(raw, **kwargs))
+    known = clean_preferences(sample).kept["content_hash"].head(20)
+    assert_same_tables(*clean_both_ways(sample, known_hashes=known, **kwargs))
+
+
+TRICKY = ["\r", "\n", " ", "\t", "\u00a0", "\u2003", "\u3000", "\u200b", "\ufeff", "\u200d", "\u0301",
+          "\u0316", "\u0308", "e", "A", "\u1100", "\u1161", "\u11a8", "\uac00", "\u212b", "\u0958", "\u2028", "\x85",
+          "\U0001d15e", "\U0001f600", "\u0f73", "\u09be", "\u09c7"]
+# Python's Unicode (14) is older than polars' (16): code points Python leaves unassigned are left out here,
+# because the plain-Python reference would not compose them; the tests above cover them against polars
+unicode_text = st.lists(
+    st.one_of(st.characters(exclude_categories=("Cs", "Cn")), st.sampled_from(TRICKY),
+              st.sampled_from(["\r\n", " \n", "\t\n", "\n\n\n", " \t \n\n\n\n", "e\u0301", "\u1100\u1161\u11a8"])),
+    max_size=16,
+).map("".join)
+message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": unicode_text})
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.lists(message, max_size=3), unicode_text, unicode_text, st.booleans()),
+                min_size=1, max_size=8))
+def test_fast_path_equals_reference_on_random_unicode(rows):
+    records = []
+    for i, (prompt, chosen, rejected, repeat) in enumerate(rows):
+        records.append(("r.jsonl", i + 1, prompt, chosen, rejected, None, None, None, None, None))
+        if repeat:  # the same pair again, in another surface form
+            records.append(("r.jsonl", 100 + i, [{**m, "content": unicodedata.normalize("NFD", m["content"]) + " \r\n"}
+                                                 for m in prompt], "\ufeff" + chosen, rejected.replace(" ", "\u00a0"),
+                            None, None, None, None, None))
+    raw = pl.DataFrame(records, schema=RAW_SCHEMA, orient="row")
+    assert_same_tables(*clean_both_ways(raw))
