@@ -615,6 +615,20 @@ def median_side(runs: list[dict]) -> dict:
             "failed_runs": len(runs) - len(ok)}
 
 
+def load_check(payload: dict) -> dict:
+    """Was the machine busy with other work during the run? From the 1-minute load averages sampled at the start
+    and end of the run and of every worker. The benchmark's own worker adds about its thread count."""
+    samples = [payload["load_average"].get("start"), payload["load_average"].get("end")]
+    samples += [r.get(k) for runs in payload["runs"].values() for r in runs for k in ("load_at_start", "load_at_end")]
+    ones = [x[0] for x in samples if x]
+    cores = payload["device"].get("usable_cores") or 1
+    worst = max(ones) if ones else None
+    busy = payload["config"]["device"] == "cpu" and worst is not None and worst > cores + 0.5
+    return {"max_1min_load": worst, "usable_cores": cores, "busy": busy,
+            "note": f"1-minute load reached {worst} on {cores} cores: other processes competed for the CPU, so "
+                    "tokens/s and their ratio are unreliable (see per_step seconds)" if busy else ""}
+
+
 def verdicts(model: str, device: str, max_length: int, ours: dict, stock: dict, ratios: dict) -> list[dict]:
     out = []
 
@@ -684,6 +698,8 @@ def print_table(payload: dict) -> None:
             print(f"   {side} FAILED: {d['error']}")
     for v in payload["targets"]:
         print(f"   target {v['target']}: {v['verdict']} ({fmt(v['value'], '{:.3f}')}){' - ' + v['note'] if v['note'] else ''}")
+    if payload.get("load_check", {}).get("busy"):
+        print(f"   WARNING: {payload['load_check']['note']}")
     print(f"   FLOPs: {FLOP_FORMULA}")
 
 
@@ -815,6 +831,11 @@ def bench_model(model: str, args, prepared: Path, prep_meta: dict, tokenizer_dir
         "runs": runs,
     }
     payload["targets"] = verdicts(model, device, args.max_length, o, s, ratios)
+    payload["load_check"] = load_check(payload)
+    if payload["load_check"]["busy"]:
+        for v in payload["targets"]:
+            if v["verdict"] in ("MET", "NOT MET"):
+                v["verdict"] += " (unreliable: busy machine)"
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = Path(args.out) if args.out else results_path(results_dir, model, device_slug(device, dev_info))
