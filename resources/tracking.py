@@ -59,7 +59,7 @@ class MlflowResource(dg.ConfigurableResource):
 
         mlflow.set_tracking_uri(self.resolved_uri)
         mlflow.set_registry_uri(self.resolved_uri)
-        return mlflow.MlflowClient(self.resolved_uri)
+        return mlflow.MlflowClient(tracking_uri=self.resolved_uri, registry_uri=self.resolved_uri)
 
     def experiment_id(self) -> str:
         client = self.client()

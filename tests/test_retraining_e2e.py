@@ -42,14 +42,27 @@ mutation($params: ExecutionParams!) {
 }"""
 
 
-def wait_for(what, predicate, timeout, interval=2.0):
+def wait_for(what, predicate, timeout, interval=2.0, diagnose=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}" + (f"\n{diagnose()}" if diagnose else ""))
+
+
+def _diagnose(home, state, tmp):
+    """What a person would look at first: the runs and their status, the registry, the processes' last words."""
+    lines = []
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for run in instance.get_runs(limit=10):
+            lines.append(f"run {run.run_id[:8]} {run.job_name} {run.status.value} tags={dict(run.tags)}")
+    lines.append(f"model versions: {[(v.version, v.tags.get('champion_gate.decision')) for v in _versions(state)]}")
+    log = (tmp / "processes.log").read_text(errors="replace").splitlines()
+    noise = ("Checking for new runs", "skipped: no new", "BetaWarning", "return fn(")
+    lines += [line for line in log if not any(n in line for n in noise)][-40:]
+    return "\n".join(lines)
 
 
 def _stop(proc):
@@ -121,8 +134,14 @@ def _run_status(port, run_id):
     return data["data"]["runOrError"].get("status")
 
 
+def _client(state):
+    # registry_uri spelled out: earlier in-process tests leave mlflow's global registry URI on their own store
+    uri = f"sqlite:///{state / 'mlflow.db'}"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def _versions(state):
-    client = mlflow.MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    client = _client(state)
     try:
         return sorted(client.search_model_versions("name='orpo-pipeline-model'"), key=lambda v: int(v.version))
     except Exception:  # the store is created by the first run
@@ -131,7 +150,7 @@ def _versions(state):
 
 def _champion(state):
     try:
-        return mlflow.MlflowClient(f"sqlite:///{state / 'mlflow.db'}").get_model_version_by_alias(
+        return _client(state).get_model_version_by_alias(
             "orpo-pipeline-model", "champion")
     except Exception:  # no store, no model or no alias yet
         return None
@@ -166,11 +185,12 @@ def _training_intervals(home, run_ids):
 
 def test_drop_sensor_graphql_queue_and_champion_gate(deployment):
     port, home, state, tmp = deployment
+    why = lambda: _diagnose(home, state, tmp)  # noqa: E731
 
     # 1. a new file in the drop folder -> a partition and a run that registers a model version
     _drop(state, "factual.jsonl")
-    versions = wait_for("model version 1, gated", lambda: _gated(state, 1), 900, 5)
-    client = mlflow.MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    versions = wait_for("model version 1, gated", lambda: _gated(state, 1), 900, 5, why)
+    client = _client(state)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         keys = instance.get_dynamic_partitions("preference_files")
     assert len(keys) == 1
@@ -195,7 +215,7 @@ def test_drop_sensor_graphql_queue_and_champion_gate(deployment):
         statuses = [_run_status(port, r) for r in run_ids]
         return statuses if all(x in ("SUCCESS", "FAILURE", "CANCELED") for x in statuses) else None
 
-    statuses = wait_for("three GraphQL runs to finish", finished, 1200, 5)
+    statuses = wait_for("three GraphQL runs to finish", finished, 1200, 5, why)
     assert statuses == ["SUCCESS"] * 3, statuses
     spans = _training_intervals(home, run_ids)
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), f"trainings overlapped: {spans}"
@@ -205,7 +225,7 @@ def test_drop_sensor_graphql_queue_and_champion_gate(deployment):
 
     # 3. a new file whose challenger cannot beat the champion (tolerance -1): the alias stays
     _drop(state, "safety.json")
-    versions = wait_for("model version 5, gated", lambda: _gated(state, 5), 900, 5)
+    versions = wait_for("model version 5, gated", lambda: _gated(state, 5), 900, 5, why)
     latest = versions[-1]
     assert latest.tags["champion_gate.decision"] == "rejected"
     assert "champion kept" in latest.tags["champion_gate.reason"]
