@@ -114,6 +114,11 @@ class TrainSettings(BaseModel):
     loss_impl: Literal["fused", "reference"] = Field(
         "fused", description="fused: chunked ORPO loss that never holds [batch, seq, vocab] logits (liger-kernel)."
     )
+    shared_prompt: bool = Field(
+        True, description="Compute each prompt once: one row per pair (prompt, chosen, rejected) with a mask that "
+        "hides the chosen answer from the rejected one. Same loss as TRL's two rows that repeat the prompt, less work. "
+        "Ignored with flash_attention_2, which takes no custom mask.",
+    )
     logging_steps: int = Field(5, gt=0)
     seed: int = 42
 

@@ -26,6 +26,7 @@ from typing import Callable
 
 import datasets
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 from trl.experimental.utils import DPODataCollatorWithPadding
@@ -33,6 +34,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .config import TrainSettings
 from .orpo_loss import causal_lm_hidden_and_head, orpo_loss_fused, orpo_loss_from_logits
+from .shared_prompt import MASKABLE_ATTENTION, SharedPromptBatch, attention_mask_for, completion_hidden, pack_shared_prompt
 from .storage import atomic_dir, write_json
 from .tokenization import TOKEN_COLUMNS
 
@@ -272,15 +274,16 @@ def call_as_forward(model, fn):
             inner.forward = saved
 
 
-def hidden_and_head(model, ids, mask):
+def hidden_and_head(model, ids, mask, position_ids=None):
     """causal_lm_hidden_and_head, also when peft's trainable tokens wrap the head (no .bias of its own)."""
     from peft.utils import TrainableTokensWrapper
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     if not isinstance(head, TrainableTokensWrapper):
-        return causal_lm_hidden_and_head(model, ids, mask)
-    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return causal_lm_hidden_and_head(model, ids, mask, position_ids)
+    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                use_cache=False).last_hidden_state
     return hidden, head.weight, head.original_module.bias  # .weight has the trained rows merged in
 
 
@@ -290,11 +293,23 @@ def fused_orpo_loss(model, ids, mask, labels, beta: float):
     return orpo_loss_fused(hidden, weight, labels, beta, lm_head_bias=bias)
 
 
+def shared_prompt_orpo_loss(model, packed: SharedPromptBatch, beta: float, fused: bool = True):
+    """The ORPO loss over packed rows (prompt computed once); same value as over TRL's concatenated rows."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mask = attention_mask_for(packed.allowed, base.config._attn_implementation, base.dtype)
+    hidden, weight, bias = hidden_and_head(model, packed.input_ids, mask, packed.position_ids)
+    h, labels = loss_layout(completion_hidden(hidden, packed), packed.labels)
+    if fused:
+        return orpo_loss_fused(h, weight, labels, beta, lm_head_bias=bias)
+    return orpo_loss_from_logits(F.linear(h, weight, bias), labels, beta)
+
+
 class PretokenizedORPOTrainer(ORPOTrainer):
     """TRL's ORPO loss and metrics over an already tokenized dataset."""
 
     def __init__(
-        self, model, args: ORPOConfig, train_dataset, processing_class, eval_dataset=None, callbacks=None, loss_impl="fused"
+        self, model, args: ORPOConfig, train_dataset, processing_class, eval_dataset=None, callbacks=None, loss_impl="fused",
+        shared_prompt: bool = True,
     ):
         # ORPOTrainer.__init__ would map tokenize_row over the data again; set up what its methods read instead
         self.is_encoder_decoder = False
@@ -310,6 +325,7 @@ class PretokenizedORPOTrainer(ORPOTrainer):
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
         self.non_pad_tokens = 0
         self.loss_impl = loss_impl
+        self.shared_prompt = shared_prompt_applies(model, shared_prompt)
         if args.disable_dropout:
             disable_dropout_in_model(model)
         args.remove_unused_columns = False
@@ -332,12 +348,18 @@ class PretokenizedORPOTrainer(ORPOTrainer):
 
     def get_batch_loss_metrics(self, model, batch, train_eval="train"):
         """Our ORPO loss (completion-token NLL), fused unless `loss_impl` says otherwise; TRL's metric names."""
-        cat = self.concatenated_inputs(batch, padding_value=self.padding_value, device=self.accelerator.device)
-        ids, mask, labels = cat["concatenated_input_ids"], cat["concatenated_attention_mask"], cat["concatenated_labels"]
+        fused = self.loss_impl == "fused"
         with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-            if self.loss_impl == "fused":
+            if self.shared_prompt:
+                packed = pack_shared_prompt(batch, self.padding_value)
+                out = call_as_forward(model, lambda m: shared_prompt_orpo_loss(m, packed, self.beta, fused))
+            elif fused:
+                cat = self.concatenated_inputs(batch, padding_value=self.padding_value, device=self.accelerator.device)
+                ids, mask, labels = cat["concatenated_input_ids"], cat["concatenated_attention_mask"], cat["concatenated_labels"]
                 out = call_as_forward(model, lambda m: fused_orpo_loss(m, ids, mask, labels, self.beta))
             else:
+                cat = self.concatenated_inputs(batch, padding_value=self.padding_value, device=self.accelerator.device)
+                ids, mask, labels = cat["concatenated_input_ids"], cat["concatenated_attention_mask"], cat["concatenated_labels"]
                 logits = model(ids, attention_mask=mask, use_cache=False).logits
                 out = orpo_loss_from_logits(logits, labels, self.beta)
         chosen_r, rejected_r = self.beta * out.chosen_logps.detach(), self.beta * out.rejected_logps.detach()
@@ -358,6 +380,13 @@ class PretokenizedORPOTrainer(ORPOTrainer):
         return out.loss, {prefix + k: v for k, v in metrics.items()}
 
 
+def shared_prompt_applies(model, wanted: bool) -> bool:
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if wanted and impl not in MASKABLE_ATTENTION:
+        log.info("shared_prompt is off: attention '%s' takes no custom mask (only %s do)", impl, MASKABLE_ATTENTION)
+    return wanted and impl in MASKABLE_ATTENTION
+
+
 def completion_window(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep only positions that predict a completion token, so the LM head never runs on the prompt.
 
@@ -372,8 +401,13 @@ def completion_window(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     idx = (start[:, None] + offsets[None]).clamp(max=labels.shape[1] - 2)
     h = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
     lab = labels[:, 1:].gather(1, idx).masked_fill(offsets[None] >= counts[:, None], -100)
+    return loss_layout(h, lab)
+
+
+def loss_layout(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h[:, k] predicts targets[:, k] -> the losses' unshifted convention (h[:, :-1] vs labels[:, 1:])."""
     h = torch.cat([h, h.new_zeros(h.shape[0], 1, h.shape[2])], dim=1)
-    lab = torch.cat([lab.new_full((lab.shape[0], 1), -100), lab], dim=1)
+    lab = torch.cat([targets.new_full((targets.shape[0], 1), -100), targets], dim=1)
     return h, lab
 
 
@@ -462,8 +496,9 @@ def train_orpo_adapter(
     model, tokenizer = load_lora_model(Path(model_dir), settings, device, adapter_init)
     if settings.chat_template:
         check_tokenized_with(tokenizer, train_dataset)
+    # what a batch pads to: one packed row per pair, or prompt + the longer answer twice
     lengths = [
-        p + max(c, r)
+        p + c + r if settings.shared_prompt else p + max(c, r)
         for p, c, r in zip(train_dataset["prompt_tokens"], train_dataset["chosen_tokens"], train_dataset["rejected_tokens"])
     ]
     data = train_dataset.select_columns(TOKEN_COLUMNS).add_column("length", lengths)
@@ -476,6 +511,7 @@ def train_orpo_adapter(
             processing_class=tokenizer,
             callbacks=[progress],
             loss_impl=settings.loss_impl,
+            shared_prompt=settings.shared_prompt,
         )
         progress.trainer = trainer
         start = time.perf_counter()
