@@ -12,8 +12,9 @@ gradient checkpointing, learning rate and schedule on both sides. Each side trai
           `peft_config`; the same counting subclass.
 
 Measured, after the first --warmup-steps optimizer steps (default 1):
-- non-pad tokens/s: attention-mask ones of chosen + rejected actually fed to the model, over wall time from the
-  end of the last warmup step to the end of the last step (data loading, optimizer and logging included);
+- non-pad tokens/s: attention-mask ones of TRL's chosen + rejected sequences (prompt + answer, each; the same
+  count on both sides for the same pairs, however a side computes them), over wall time from the end of the last
+  warmup step to the end of the last step (data loading, optimizer and logging included); pairs/s likewise;
 - peak memory: torch.cuda.max_memory_allocated on CUDA, peak RSS (VmHWM) of the worker process on CPU;
 - MFU against the device's measured matmul peak (a torch.matmul loop in the training dtype, measured in this run
   before and after the training workers; the higher of the two is used). FLOP formula: see FLOP_FORMULA;
@@ -80,7 +81,9 @@ LOSS_KEYS = ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "logps/cho
 
 FLOP_FORMULA = (
     "model FLOPs per optimizer step = sum over batches of R*S*(4*N + 6*N_lora) + R*S*12*L*S*d_attn, where "
-    "R = rows fed (chosen + rejected), S = padded width of the concatenated batch, so R*S = tokens processed "
+    "R = rows fed (stock: chosen + rejected rows; ours with shared_prompt: one prompt + chosen + rejected row per "
+    "pair, so each prompt is counted once because it is computed once), S = padded width of the batch, so R*S = "
+    "tokens processed "
     "including padding; N = base-model parameters excluding the input-embedding table and including the LM head "
     "(counted once, whether tied or not): 2*N per token forward + 2*N backward to activations (LoRA: no base-weight "
     "gradients); N_lora = adapter parameters, 6 FLOPs each per token (forward, input grad, weight grad); attention "
@@ -278,8 +281,14 @@ class _Bench:
     def record(self, inputs, loss):
         cm, rm = inputs["chosen_attention_mask"], inputs["rejected_attention_mask"]
         nonpad = (cm.sum() + rm.sum()).detach()  # stays on the device: no sync per step
-        width = max(cm.shape[1], rm.shape[1])  # concatenated_inputs pads both halves to this width
-        self.batches.append((nonpad, cm.shape[0] + rm.shape[0], width, loss.detach().float()))
+        if getattr(self.trainer, "shared_prompt", False):
+            # ours, prompt computed once: one packed row of prompt + chosen + rejected per pair
+            lengths = cm.sum(1) + rm.sum(1) - inputs["prompt_attention_mask"].sum(1)
+            rows, width, fed = cm.shape[0], int(lengths.max()), lengths.sum().detach()
+        else:
+            # concatenated_inputs: chosen and rejected rows, both halves padded to this width
+            rows, width, fed = cm.shape[0] + rm.shape[0], max(cm.shape[1], rm.shape[1]), nonpad
+        self.batches.append((nonpad, rows, width, loss.detach().float(), fed, cm.shape[0]))
 
 
 def make_callback(bench: _Bench):
@@ -358,6 +367,8 @@ def summarize(bench: _Bench, warmup: int, device: str, fp: dict) -> dict:
             "seconds": t - prev_t,
             "cpu_seconds": cpu - prev_cpu,
             "non_pad_tokens": int(sum(int(b[0]) for b in batch)),
+            "fed_tokens": int(sum(int(b[4]) for b in batch)),
+            "pairs": sum(b[5] for b in batch),
             "padded_tokens": sum(b[1] * b[2] for b in batch),
             "rows": sum(b[1] for b in batch),
             "width": max((b[2] for b in batch), default=0),
@@ -380,8 +391,11 @@ def summarize(bench: _Bench, warmup: int, device: str, fp: dict) -> dict:
         "measured_seconds": seconds,
         "measured_non_pad_tokens": nonpad,
         "measured_padded_tokens": padded,
-        "padding_fraction": 1 - nonpad / padded if padded else None,
+        # tokens the model actually ran on, padding excluded (ours counts each prompt once)
+        "measured_fed_tokens": sum(s["fed_tokens"] for s in measured),
+        "padding_fraction": 1 - sum(s["fed_tokens"] for s in measured) / padded if padded else None,
         "non_pad_tokens_per_s": nonpad / seconds if seconds else None,
+        "pairs_per_s": sum(s["pairs"] for s in measured) / seconds if seconds else None,
         "padded_tokens_per_s": padded / seconds if seconds else None,
         # secondary, less sensitive to other processes on a shared machine: the median step's rate, and the rate
         # per CPU-second of this process (all its threads)
@@ -606,6 +620,7 @@ def median_side(runs: list[dict]) -> dict:
         return {"error": runs[0].get("error") if runs else "no run", "runs": len(runs)}
     med = lambda k: statistics.median(r[k] for r in ok if r.get(k) is not None)  # noqa: E731
     return {"non_pad_tokens_per_s": med("non_pad_tokens_per_s"), "padded_tokens_per_s": med("padded_tokens_per_s"),
+            "pairs_per_s": med("pairs_per_s"),
             "median_step_non_pad_tokens_per_s": med("median_step_non_pad_tokens_per_s"),
             "non_pad_tokens_per_cpu_s": med("non_pad_tokens_per_cpu_s"),
             "achieved_tflops": med("achieved_tflops"), "mfu": med("mfu"), "mfu_non_pad": med("mfu_non_pad"),
@@ -680,6 +695,7 @@ def print_table(payload: dict) -> None:
         ("non-pad tokens/s", "non_pad_tokens_per_s", "{:,.1f}", "non_pad_tokens_per_s"),
         ("  median step (secondary)", "median_step_non_pad_tokens_per_s", "{:,.1f}", "median_step_non_pad_tokens_per_s"),
         ("  per CPU-second (second.)", "non_pad_tokens_per_cpu_s", "{:,.1f}", "non_pad_tokens_per_cpu_s"),
+        ("pairs/s", "pairs_per_s", "{:,.2f}", "pairs_per_s"),
         ("tokens/s incl. padding", "padded_tokens_per_s", "{:,.1f}", None),
         ("peak memory (MiB)", "peak_memory_mb", "{:,.0f}", "peak_memory"),
         ("achieved TFLOP/s", "achieved_tflops", "{:.3f}", None),
@@ -795,6 +811,7 @@ def bench_model(model: str, args, prepared: Path, prep_meta: dict, tokenizer_dir
     ratios = {"non_pad_tokens_per_s": ratio(o.get("non_pad_tokens_per_s"), s.get("non_pad_tokens_per_s")),
               "peak_memory": ratio(o.get("peak_memory_mb"), s.get("peak_memory_mb")),
               "mfu": ratio(o.get("mfu"), s.get("mfu")),
+              "pairs_per_s": ratio(o.get("pairs_per_s"), s.get("pairs_per_s")),
               "median_step_non_pad_tokens_per_s": ratio(o.get("median_step_non_pad_tokens_per_s"),
                                                         s.get("median_step_non_pad_tokens_per_s")),
               "non_pad_tokens_per_cpu_s": ratio(o.get("non_pad_tokens_per_cpu_s"), s.get("non_pad_tokens_per_cpu_s"))}

@@ -340,6 +340,12 @@ class PretokenizedORPOTrainer(ORPOTrainer):
             callbacks=callbacks,
         )
 
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = ds["length"] if "length" in ds.column_names else [
+            max(len(c), len(r)) for c, r in zip(ds["chosen_input_ids"], ds["rejected_input_ids"])]
+        return LengthBucketSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             n = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
@@ -378,6 +384,37 @@ class PretokenizedORPOTrainer(ORPOTrainer):
             "log_odds_chosen": gather(out.log_odds_chosen),
         }
         return out.loss, {prefix + k: v for k, v in metrics.items()}
+
+
+class LengthBucketSampler(torch.utils.data.Sampler):
+    """Batches of similar lengths, in random order, so a batch pads only to its own longest row.
+
+    Shuffle, sort within mega-batches of up to `mega` batches (transformers' LengthGroupedSampler uses only
+    len/4 batch-sizes on small sets, which leaves most of the padding), cut into batches, shuffle the batches;
+    the longest goes first so an out-of-memory shows at step one. The one short batch stays last so the
+    DataLoader's own batching lines up with ours. Same seed and epoch on every rank: the same order everywhere.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega: int = 64):
+        self.lengths, self.batch_size, self.seed, self.mega, self.epoch = list(lengths), batch_size, seed, mega, 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order, bs = torch.randperm(len(self.lengths), generator=g).tolist(), self.batch_size
+        batches = []
+        for i in range(0, len(order), bs * self.mega):
+            group = sorted(order[i:i + bs * self.mega], key=self.lengths.__getitem__, reverse=True)
+            batches += [group[j:j + bs] for j in range(0, len(group), bs)]
+        short = [batches.pop()] if batches and len(batches[-1]) < bs else []
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+        if batches:
+            first = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
+            batches[0], batches[first] = batches[first], batches[0]
+        return iter([k for b in batches + short for k in b])
 
 
 def shared_prompt_applies(model, wanted: bool) -> bool:
@@ -472,8 +509,7 @@ def orpo_args(settings: TrainSettings, output_dir: Path, device: str, max_length
         report_to="none",
         seed=settings.seed,
         max_length=max_length,
-        train_sampling_strategy="group_by_length",
-        length_column_name="length",
+        length_column_name="length",  # read by LengthBucketSampler
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient each step
         disable_tqdm=False,

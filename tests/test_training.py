@@ -173,3 +173,28 @@ def test_train_embeddings_and_norms_get_gradients(tiny_model_dir, sample_pairs, 
 def test_flash_attention_without_the_package_is_a_clear_error(tiny_model_dir):
     with pytest.raises(RuntimeError, match="needs the flash-attn package"):
         load_lora_model(tiny_model_dir, TrainSettings(attn_implementation="flash_attention_2"), "cpu")
+
+
+def test_length_buckets_pad_less_than_transformers_grouping_and_still_shuffle():
+    import random
+
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from orpo_pipeline.training import LengthBucketSampler
+
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 512) for _ in range(203)]  # not a multiple of the batch size
+    bs = 4
+
+    def padding(order):
+        batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+        return sum(len(b) * max(lengths[k] for k in b) - sum(lengths[k] for k in b) for b in batches)
+
+    ours = LengthBucketSampler(lengths, bs, seed=1)
+    first, second = list(ours), list(ours)
+    assert sorted(first) == sorted(second) == list(range(len(lengths)))  # every row once per epoch
+    assert first != second  # a new order each epoch
+    assert max(lengths[k] for k in first[:bs]) == max(lengths)  # the longest batch first
+    theirs = list(LengthGroupedSampler(bs, lengths=lengths))
+    assert padding(first) < 0.5 * padding(theirs)
+    assert padding(first) < 0.1 * sum(lengths)
