@@ -128,7 +128,7 @@ def orpo_loss_fused(
     )
 
 
-def causal_lm_hidden_and_head(model, input_ids, attention_mask=None, position_ids=None):
+def causal_lm_hidden_and_head(model, input_ids, attention_mask=None, **decoder_kwargs):
     """Run a HF causal LM (bare or wrapped in a peft PeftModel) up to its final hidden states,
     skipping the lm_head. Returns (hidden_states [N, T, H], lm_head weight [V, H], lm_head bias or None).
     LoRA layers live inside the base modules, so calling the backbone directly keeps them active."""
@@ -139,6 +139,5 @@ def causal_lm_hidden_and_head(model, input_ids, attention_mask=None, position_id
     cfg = base.config
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0):
         raise NotImplementedError(f"{cfg.model_type} post-processes its logits; the fused loss would differ")
-    out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False)
+    out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **decoder_kwargs)
     return out.last_hidden_state, head.weight, head.bias

@@ -5,6 +5,11 @@ their own sequence) and a 4D attention mask hides the chosen answer from them, s
 one the model computes on `prompt + chosen` or `prompt + rejected` alone. Stock TRL runs the prompt twice;
 with prompts as long as the answers, that is a third of the work, plus the padding of the shorter answer.
 
+With sdpa, attention runs per row as two causal pieces (`segmented_sdpa`): prompt + chosen with `is_causal`,
+and the rejected queries over prompt + rejected keys with a lower-right causal bias. Both let the kernels skip
+the masked half, which a general L x L mask does not (attention backward was a quarter of a CPU step with it).
+Eager attention gets the equivalent 4D mask.
+
 The hidden state that predicts completion token k sits at position P-1+k for the chosen answer, and at P-1
 (k = 0, the shared last prompt token) or P+C+k-1 for the rejected one. `hidden_index` / `labels` gather them
 into the [2B, W] layout (chosen rows, then rejected rows) that the ORPO losses read.
@@ -16,15 +21,18 @@ from dataclasses import dataclass
 
 import torch
 
+import torch.nn.functional as F
+
 IGNORE_INDEX = -100
-MASKABLE_ATTENTION = ("sdpa", "eager")  # flash-attention kernels take no custom 4D mask
+SEGMENTED_SDPA = "orpo_segmented_sdpa"
+MASKABLE_ATTENTION = ("sdpa", "eager", SEGMENTED_SDPA)  # flash-attention kernels take no custom mask
 
 
 @dataclass
 class SharedPromptBatch:
     input_ids: torch.Tensor  # [B, L]
     position_ids: torch.Tensor  # [B, L]
-    allowed: torch.Tensor  # [B, 1, L, L] bool, True: the query may attend to the key
+    segments: list[tuple[int, int, int]]  # per row: prompt, chosen and rejected token counts
     chosen_index: torch.Tensor  # [B, W] position whose hidden state predicts chosen token k
     rejected_index: torch.Tensor  # [B, W]
     labels: torch.Tensor  # [2B, W] the token predicted there, IGNORE_INDEX past the completion
@@ -55,12 +63,6 @@ def pack_shared_prompt(batch: dict, pad_token_id: int) -> SharedPromptBatch:
     ids = ids.masked_fill(~valid, pad_token_id)
     position_ids = torch.where(in_rejected, shift, j).masked_fill(~valid, 0)
 
-    q, k = j[:, :, None], j[:, None, :]
-    k_in_chosen = (k >= P[:, None, None]) & (k < (P + C)[:, None, None])
-    q_in_rejected = in_rejected[:, :, None]
-    allowed = (k <= q) & valid[:, None, :] & ~(q_in_rejected & k_in_chosen)
-    allowed |= k == q  # a padding query sees itself: no fully masked row, no NaN from the softmax
-
     W = int(torch.maximum(C, R).max())
     w = torch.arange(W, device=dev)[None].expand(B, -1)
     chosen_index = (P[:, None] - 1 + w).clamp(max=L - 1)
@@ -70,7 +72,7 @@ def pack_shared_prompt(batch: dict, pad_token_id: int) -> SharedPromptBatch:
     return SharedPromptBatch(
         input_ids=ids,
         position_ids=position_ids,
-        allowed=allowed[:, None],
+        segments=list(zip(P.tolist(), C.tolist(), R.tolist())),
         chosen_index=chosen_index,
         rejected_index=rejected_index,
         labels=torch.cat([chosen_labels, rejected_labels]),
@@ -78,15 +80,77 @@ def pack_shared_prompt(batch: dict, pad_token_id: int) -> SharedPromptBatch:
     )
 
 
-def attention_mask_for(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """sdpa reads a boolean mask; eager adds the mask to its scores, so it needs 0 / -inf-like floats."""
+def allowed_mask(packed: SharedPromptBatch) -> torch.Tensor:
+    """[B, 1, L, L] bool, True where a query may attend to a key."""
+    B, L = packed.input_ids.shape
+    dev = packed.input_ids.device
+    P, C, R = (torch.tensor(x, device=dev) for x in zip(*packed.segments))
+    q = torch.arange(L, device=dev)[None, :, None]
+    k = torch.arange(L, device=dev)[None, None, :]
+    valid_k = k < (P + C + R)[:, None, None]
+    k_in_chosen = (k >= P[:, None, None]) & (k < (P + C)[:, None, None])
+    q_in_rejected = q >= (P + C)[:, None, None]
+    allowed = (k <= q) & valid_k & ~(q_in_rejected & k_in_chosen)
+    allowed |= k == q  # a padding query sees itself: no fully masked row, no NaN from the softmax
+    return allowed[:, None]
+
+
+def decoder_inputs(packed: SharedPromptBatch, attn_implementation: str, dtype: torch.dtype) -> dict:
+    """Keyword arguments for the decoder: the segments for segmented_sdpa, else an equivalent 4D mask."""
+    common = {"input_ids": packed.input_ids, "position_ids": packed.position_ids}
+    if attn_implementation == SEGMENTED_SDPA:
+        return {**common, "attention_mask": None, "shared_prompt_segments": packed.segments}
+    allowed = allowed_mask(packed)
     if attn_implementation == "sdpa":
-        return allowed
-    if attn_implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+        return {**common, "attention_mask": allowed}
+    if attn_implementation == "eager":  # eager adds the mask to its scores: 0 / a very negative float
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return {**common, "attention_mask": mask}
     raise ValueError(f"attention '{attn_implementation}' takes no custom mask; shared prompts need one of "
                      f"{MASKABLE_ATTENTION}")
+
+
+def segmented_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                   shared_prompt_segments=None, **kwargs):
+    """transformers attention function: plain sdpa, or per packed row the two causal pieces of a shared prompt.
+
+    query [B, H, L, D], key / value [B, H_kv, L, D]; returns [B, L, H, D] like the built-in functions.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if shared_prompt_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    from torch.nn.attention.bias import causal_lower_right
+
+    B, H, L, D = query.shape
+    gqa = key.shape[1] != H
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # the lower-right bias checks dtypes before autocast would cast them
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    rows = []
+    for i, (p, c, r) in enumerate(shared_prompt_segments):
+        q, k, v = query[i:i + 1], key[i:i + 1], value[i:i + 1]
+        chosen = F.scaled_dot_product_attention(q[:, :, :p + c], k[:, :, :p + c], v[:, :, :p + c], is_causal=True,
+                                                dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        seen = [slice(0, p), slice(p + c, p + c + r)]  # the rejected answer's own sequence: prompt, rejected
+        rejected = F.scaled_dot_product_attention(
+            q[:, :, p + c:p + c + r], torch.cat([k[:, :, s] for s in seen], 2), torch.cat([v[:, :, s] for s in seen], 2),
+            attn_mask=causal_lower_right(r, p + r), dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        row = torch.cat([chosen, rejected], 2)
+        rows.append(F.pad(row, (0, 0, 0, L - row.shape[2])))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def register_segmented_sdpa() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa)
+    if SEGMENTED_SDPA not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(SEGMENTED_SDPA, sdpa_mask)  # unpacked calls keep sdpa's padding masks
+    return SEGMENTED_SDPA
 
 
 def completion_hidden(hidden: torch.Tensor, packed: SharedPromptBatch) -> torch.Tensor:

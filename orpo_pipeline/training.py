@@ -34,7 +34,14 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .config import TrainSettings
 from .orpo_loss import causal_lm_hidden_and_head, orpo_loss_fused, orpo_loss_from_logits
-from .shared_prompt import MASKABLE_ATTENTION, SharedPromptBatch, attention_mask_for, completion_hidden, pack_shared_prompt
+from .shared_prompt import (
+    MASKABLE_ATTENTION,
+    SharedPromptBatch,
+    completion_hidden,
+    decoder_inputs,
+    pack_shared_prompt,
+    register_segmented_sdpa,
+)
 from .storage import atomic_dir, write_json
 from .tokenization import TOKEN_COLUMNS
 
@@ -211,8 +218,9 @@ def load_lora_model(model_dir: Path, settings: TrainSettings, device: str, adapt
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     added = set_chat_template(tokenizer, settings.chat_template)
-    # on CPU, bf16 runs as autocast over fp32 master weights; on CUDA the weights themselves are bf16
-    dtype = torch.bfloat16 if use_bf16(settings, device) and device.startswith("cuda") else torch.float32
+    # the frozen base weights are stored in bf16 (under autocast fp32 ones would be cast on every use: an eighth
+    # of a CPU step); peft keeps the trained LoRA weights in fp32
+    dtype = torch.bfloat16 if use_bf16(settings, device) else torch.float32
     kwargs: dict = {"dtype": dtype, "attn_implementation": attention_implementation(settings, device)}
     if settings.load_in_4bit:
         if not device.startswith("cuda"):
@@ -231,6 +239,8 @@ def load_lora_model(model_dir: Path, settings: TrainSettings, device: str, adapt
         # under accelerate launch each process owns the GPU of its local rank
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if settings.shared_prompt and kwargs["attn_implementation"] == "sdpa":
+        model.set_attn_implementation(register_segmented_sdpa())  # sdpa, plus packed rows as causal pieces
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # many vocabularies have spare rows already
         model.resize_token_embeddings(len(tokenizer))
     set_pad_token(tokenizer, model)
@@ -274,16 +284,15 @@ def call_as_forward(model, fn):
             inner.forward = saved
 
 
-def hidden_and_head(model, ids, mask, position_ids=None):
+def hidden_and_head(model, ids, mask, **decoder_kwargs):
     """causal_lm_hidden_and_head, also when peft's trainable tokens wrap the head (no .bias of its own)."""
     from peft.utils import TrainableTokensWrapper
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     if not isinstance(head, TrainableTokensWrapper):
-        return causal_lm_hidden_and_head(model, ids, mask, position_ids)
-    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                use_cache=False).last_hidden_state
+        return causal_lm_hidden_and_head(model, ids, mask, **decoder_kwargs)
+    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False, **decoder_kwargs).last_hidden_state
     return hidden, head.weight, head.original_module.bias  # .weight has the trained rows merged in
 
 
@@ -296,8 +305,8 @@ def fused_orpo_loss(model, ids, mask, labels, beta: float):
 def shared_prompt_orpo_loss(model, packed: SharedPromptBatch, beta: float, fused: bool = True):
     """The ORPO loss over packed rows (prompt computed once); same value as over TRL's concatenated rows."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    mask = attention_mask_for(packed.allowed, base.config._attn_implementation, base.dtype)
-    hidden, weight, bias = hidden_and_head(model, packed.input_ids, mask, packed.position_ids)
+    kw = decoder_inputs(packed, base.config._attn_implementation, base.dtype)
+    hidden, weight, bias = hidden_and_head(model, kw.pop("input_ids"), kw.pop("attention_mask"), **kw)
     h, labels = loss_layout(completion_hidden(hidden, packed), packed.labels)
     if fused:
         return orpo_loss_fused(h, weight, labels, beta, lm_head_bias=bias)

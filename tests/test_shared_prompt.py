@@ -6,7 +6,7 @@ import torch
 from orpo_pipeline.clean import clean_preferences
 from orpo_pipeline.config import SAMPLE_DATA_DIR, TrainSettings
 from orpo_pipeline.ingest import iter_records, records_to_table
-from orpo_pipeline.shared_prompt import IGNORE_INDEX, pack_shared_prompt
+from orpo_pipeline.shared_prompt import IGNORE_INDEX, SEGMENTED_SDPA, allowed_mask, pack_shared_prompt
 from orpo_pipeline.tokenization import TOKEN_COLUMNS, tokenize_pairs
 from orpo_pipeline.training import PretokenizedORPOTrainer, load_lora_model, orpo_args
 
@@ -32,7 +32,7 @@ def test_packing_puts_each_token_where_its_own_sequence_has_it(pairs):
         row = packed.input_ids[i].tolist()
         assert row[:P + C] == c and row[P + C:P + C + R] == r[P:]
         assert packed.position_ids[i, :P + C + R].tolist() == list(range(P + C)) + list(range(P, P + R))
-        allowed = packed.allowed[i, 0]
+        allowed = allowed_mask(packed)[i, 0]
         # a rejected token sees the prompt and the rejected tokens before it, never the chosen answer
         q = P + C + R - 1
         assert allowed[q, :P].all() and not allowed[q, P:P + C].any() and allowed[q, P + C:q + 1].all()
@@ -44,17 +44,20 @@ def test_packing_puts_each_token_where_its_own_sequence_has_it(pairs):
     assert packed.padded_tokens < 2 * batch["chosen_input_ids"].shape[1] * B
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+# segmented: sdpa per row in two causal pieces (the default); sdpa_mask: sdpa with the 4D mask; eager: its float mask
+@pytest.mark.parametrize("attn", ["segmented", "sdpa_mask", "eager"])
 @pytest.mark.parametrize("loss_impl", ["fused", "reference"])
 def test_shared_prompt_matches_repeated_prompt_rows(pairs, tiny_model_dir, tmp_path, attn, loss_impl):
-    settings = TrainSettings(precision="fp32", attn_implementation=attn)
+    settings = TrainSettings(precision="fp32", attn_implementation="eager" if attn == "eager" else "sdpa",
+                             shared_prompt=attn == "segmented")
     model, tok = load_lora_model(tiny_model_dir, settings, "cpu")
+    assert (model.config._attn_implementation == SEGMENTED_SDPA) == (attn == "segmented")
     torch.manual_seed(0)
     for p in model.parameters():
         if p.requires_grad:  # lora_B starts at zero; make the adapter matter
             torch.nn.init.normal_(p, std=0.05)
     trainer = PretokenizedORPOTrainer(model=model, args=orpo_args(settings, tmp_path, "cpu", 96), train_dataset=pairs,
-                                      processing_class=tok, loss_impl=loss_impl)
+                                      processing_class=tok, loss_impl=loss_impl, shared_prompt=True)
     batch = trainer.data_collator([pairs[i] for i in range(len(pairs))])
     results = {}
     for shared in (True, False):
