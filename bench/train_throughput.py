@@ -479,7 +479,8 @@ def worker_train(spec: dict) -> dict:
             tok = AutoTokenizer.from_pretrained(model_dir)
             if tok.pad_token_id is None:
                 tok.pad_token = tok.eos_token
-            dtype = torch.bfloat16 if bf16 and device.startswith("cuda") else torch.float32  # as load_lora_model
+            # as a user runs stock TRL: fp32 weights on CPU (bf16 autocast from bf16=True), bf16 weights on CUDA
+            dtype = torch.bfloat16 if bf16 and device.startswith("cuda") else torch.float32
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
             model.config.pad_token_id = tok.pad_token_id
             targets = settings.lora_target_modules

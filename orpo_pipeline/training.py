@@ -252,17 +252,25 @@ def load_lora_model(model_dir: Path, settings: TrainSettings, device: str, adapt
     elif settings.gradient_checkpointing:
         model.enable_input_require_grads()
     if adapter_init is not None:
-        return PeftModel.from_pretrained(model, adapter_init, is_trainable=True), tokenizer
-    targets = settings.lora_target_modules
-    lora = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-        task_type="CAUSAL_LM",
-        **extra_trainables(model, settings, added),
-    )
-    return get_peft_model(model, lora), tokenizer
+        model = PeftModel.from_pretrained(model, adapter_init, is_trainable=True)
+    else:
+        targets = settings.lora_target_modules
+        lora = LoraConfig(
+            r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+            task_type="CAUSAL_LM",
+            **extra_trainables(model, settings, added),
+        )
+        model = get_peft_model(model, lora)
+    if use_bf16(settings, device):
+        # peft casts each LoRA input up to its fp32 weights, and autocast casts it straight back to bf16 for the
+        # matmul: the same values, two copies of every activation per adapted layer
+        for module in model.modules():
+            if hasattr(module, "lora_A"):
+                module.cast_input_dtype_enabled = False
+    return model, tokenizer
 
 
 def call_as_forward(model, fn):

@@ -198,3 +198,28 @@ def test_length_buckets_pad_less_than_transformers_grouping_and_still_shuffle():
     theirs = list(LengthGroupedSampler(bs, lengths=lengths))
     assert padding(first) < 0.5 * padding(theirs)
     assert padding(first) < 0.1 * sum(lengths)
+
+
+def test_bf16_lora_input_cast_skipped_without_changing_the_loss(long_pairs, tiny_model_dir, tmp_path):
+    """Under bf16 autocast peft's fp32 cast of each LoRA input is undone by autocast: skipping it changes nothing."""
+    settings = TrainSettings(precision="bf16")
+    model, tok = load_lora_model(tiny_model_dir, settings, "cpu")
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert lora_layers and not any(m.cast_input_dtype_enabled for m in lora_layers)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # trained weights stay fp32
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    args = orpo_args(settings, tmp_path, "cpu", 512)
+    args.bf16 = True  # autocast even where this CPU has no native bf16: the equality holds either way
+    trainer = PretokenizedORPOTrainer(model=model, args=args, train_dataset=long_pairs.select_columns(TOKEN_COLUMNS),
+                                      processing_class=tok)
+    batch = trainer.data_collator([long_pairs.select_columns(TOKEN_COLUMNS)[i] for i in range(2)])
+    losses = []
+    for cast in (False, True):
+        for m in lora_layers:
+            m.cast_input_dtype_enabled = cast
+        with torch.no_grad():
+            losses.append(trainer.get_batch_loss_metrics(model, batch)[0].item())
+    assert losses[0] == losses[1]
