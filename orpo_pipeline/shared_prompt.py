@@ -135,9 +135,12 @@ def segmented_sdpa(module, query, key, value, attention_mask, scaling=None, drop
         chosen = F.scaled_dot_product_attention(q[:, :, :p + c], k[:, :, :p + c], v[:, :, :p + c], is_causal=True,
                                                 dropout_p=dropout, scale=scaling, enable_gqa=gqa)
         seen = [slice(0, p), slice(p + c, p + c + r)]  # the rejected answer's own sequence: prompt, rejected
+        k_r, v_r = torch.cat([k[:, :, s] for s in seen], 2), torch.cat([v[:, :, s] for s in seen], 2)
+        if gqa:  # the lower-right bias calls the flash / efficient kernels directly, without GQA support
+            k_r, v_r = k_r.repeat_interleave(H // k_r.shape[1], 1), v_r.repeat_interleave(H // v_r.shape[1], 1)
         rejected = F.scaled_dot_product_attention(
-            q[:, :, p + c:p + c + r], torch.cat([k[:, :, s] for s in seen], 2), torch.cat([v[:, :, s] for s in seen], 2),
-            attn_mask=causal_lower_right(r, p + r), dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+            q[:, :, p + c:p + c + r], k_r, v_r, attn_mask=causal_lower_right(r, p + r), dropout_p=dropout,
+            scale=scaling)
         row = torch.cat([chosen, rejected], 2)
         rows.append(F.pad(row, (0, 0, 0, L - row.shape[2])))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
