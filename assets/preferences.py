@@ -50,11 +50,13 @@ def _hash_index_path(storage: StorageResource) -> Path:
 
 
 def _read_hash_index(storage: StorageResource) -> pl.DataFrame:
-    """(partition, content_hash) of every accepted pair: one file, so dedup cost does not grow with file count."""
+    """(partition, content_hash, source_file, source_row) of every accepted pair: one file, so dedup cost does not
+    grow with file count. Indexes written before the source columns existed read with them empty."""
+    schema = {"partition": pl.String, "content_hash": pl.String, "source_file": pl.String, "source_row": pl.Int64}
     path = _hash_index_path(storage)
     if path.is_file():
-        return pl.read_parquet(path)
-    return pl.DataFrame(schema={"partition": pl.String, "content_hash": pl.String})
+        return pl.concat([pl.DataFrame(schema=schema), pl.read_parquet(path)], how="diagonal_relaxed")
+    return pl.DataFrame(schema=schema)
 
 
 def _write_hash_index(storage: StorageResource, index: pl.DataFrame) -> None:
@@ -81,7 +83,7 @@ def cleaned_preferences(
     for key in sorted(context.partition_keys, key=order.index):
         raw = pl.read_parquet(storage.partition_dir("raw_preferences", key) / "raw.parquet")
         earlier = set(order[: order.index(key)])
-        known = index.filter(pl.col("partition").is_in(earlier))["content_hash"]
+        known = index.filter(pl.col("partition").is_in(earlier)).drop("partition")
         result = clean.clean_preferences(raw, eval_fraction=config.eval_fraction, known_hashes=known,
                                          min_score_margin=config.min_score_margin)
         accounting = clean.rows_accounting(raw, result)
@@ -98,7 +100,8 @@ def cleaned_preferences(
             write_json(tmp / "summary.json", {"digest": clean.table_digest(result.kept), "rows_in": len(raw),
                                               "kept": len(result.kept), "reasons": counts})
         index = pl.concat([index.filter(pl.col("partition") != key),
-                           result.kept.select(pl.lit(key).alias("partition"), "content_hash")])
+                           result.kept.select(pl.lit(key).alias("partition"), "content_hash", "source_file",
+                                              "source_row")], how="diagonal_relaxed")
         summary.append({"partition": key, "file": str(raw["source_file"].first() or ""), "rows_in": len(raw),
                         "reject_share": round(len(result.rejects) / max(len(raw), 1), 4),
                         "kept": len(result.kept), "train": len(result.train), "eval": len(result.eval),

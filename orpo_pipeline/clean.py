@@ -296,10 +296,11 @@ def _hashes(df: pl.DataFrame) -> pl.DataFrame:
 def clean_preferences(
     raw: pl.DataFrame | pl.LazyFrame,
     eval_fraction: float = 0.2,
-    known_hashes: pl.Series | None = None,
+    known_hashes: pl.Series | pl.DataFrame | None = None,
     min_score_margin: float | None = None,
 ) -> CleanResult:
-    """Apply the cleaning rules; `known_hashes` are content hashes already accepted elsewhere.
+    """Apply the cleaning rules; `known_hashes` are content hashes already accepted elsewhere: a Series, or a
+    DataFrame with `content_hash` and, to name the kept copy in the rejects' detail, `source_file` / `source_row`.
 
     With `min_score_margin` set, scored pairs whose scores tie or whose
     score_chosen - score_rejected is below it are rejected; unscored rows are not.
@@ -338,9 +339,14 @@ def clean_preferences(
         first_row=pl.when(hashed).then(pl.col("source_row").filter(valid).first().over("content_hash")),
     )
     is_copy = valid & ~((pl.col("source_file") == pl.col("first_file")) & (pl.col("source_row") == pl.col("first_row")))
-    if known_hashes is not None:
-        is_copy = is_copy | (valid & pl.col("content_hash").is_in(known_hashes.implode()))
+    known = known_hashes.to_frame("content_hash") if isinstance(known_hashes, pl.Series) else known_hashes
+    if known is not None:
+        df = df.with_columns(_known=valid & hashed & pl.col("content_hash").is_in(known["content_hash"].implode()))
+        is_copy = is_copy | pl.col("_known")
     df = df.with_columns(pl.when(is_copy).then(pl.lit("duplicate_pair")).otherwise(pl.col("reason")).alias("reason"))
+    if known is not None:  # the kept copy is the earlier one, not the first in this table (maybe the row itself)
+        df = df.with_columns(pl.when(pl.col("_known")).then(None).otherwise(pl.col(c)).alias(c)
+                             for c in ("first_file", "first_row"))
     # Each table is cut out with only its columns (string data is shared, not copied), then gets the column
     # only it needs: the split for kept rows, the detail for rejected ones.
     keep = df["reason"].is_null()
@@ -364,10 +370,15 @@ def clean_preferences(
     )
     reject_inputs = [*REJECT_COLUMNS[:3], *REJECT_COLUMNS[4:], "error", "first_file", "first_row", "score_chosen",
                      "score_rejected"]
-    rejects = (
-        df.select(reject_inputs).filter(~keep)
-        .select(pl.col(REJECT_COLUMNS[:3]), detail.alias("detail"), pl.col(REJECT_COLUMNS[4:]))
-    )
+    rejects = df.select(reject_inputs + (["content_hash", "_known"] if known is not None else [])).filter(~keep)
+    if known is not None and {"source_file", "source_row"} <= set(known.columns):
+        earlier = known.select("content_hash", _kf=pl.col("source_file"), _kr=pl.col("source_row")).unique(
+            "content_hash", keep="first")
+        rejects = rejects.join(earlier, on="content_hash", how="left", maintain_order="left").with_columns(
+            first_file=pl.when("_known").then("_kf").otherwise("first_file"),
+            first_row=pl.when("_known").then("_kr").otherwise("first_row"),
+        )
+    rejects = rejects.select(pl.col(REJECT_COLUMNS[:3]), detail.alias("detail"), pl.col(REJECT_COLUMNS[4:]))
     return CleanResult(kept=kept, rejects=rejects)
 
 

@@ -301,3 +301,19 @@ def test_fast_path_equals_reference_on_random_unicode(rows):
                             None, None, None, None, None))
     raw = pl.DataFrame(records, schema=RAW_SCHEMA, orient="row")
     assert_same_tables(*clean_both_ways(raw))
+
+
+def test_duplicate_of_an_earlier_file_names_that_copy_not_itself():
+    from orpo_pipeline.config import SAMPLE_DATA_DIR
+    from orpo_pipeline.ingest import iter_records, records_to_table
+
+    f = SAMPLE_DATA_DIR / "helpfulness.jsonl"
+    raw = records_to_table(iter_records(f), f.name)
+    earlier = clean_preferences(raw).kept.head(3)
+    hashes_only = clean_preferences(raw, known_hashes=earlier["content_hash"]).rejects
+    dups = hashes_only.filter(pl.col("reason") == "duplicate_pair")
+    assert dups.height == 3 and set(dups["detail"]) == {"duplicate of an earlier partition"}
+    elsewhere = earlier.with_columns(source_file=pl.lit("old.jsonl"), source_row=pl.col("source_row") + 1000)
+    named = clean_preferences(raw, known_hashes=elsewhere).rejects.filter(pl.col("reason") == "duplicate_pair")
+    assert named.sort("source_row")["detail"].to_list() == [
+        f"duplicate of old.jsonl:{r + 1000}" for r in sorted(earlier["source_row"].to_list())]

@@ -76,6 +76,12 @@ def test_artifacts_exist_and_load(pipeline_run, tmp_path):
     assert kept + rejected == mats["raw_preferences"]["rows"].value
     reasons = {r for k in keys for r in pl.read_parquet(storage.partition_dir("cleaned_preferences", k) / "rejects.parquet")["reason"]}
     assert reasons >= {"unparseable", "duplicate_pair", "chosen_equals_rejected"}
+    dups = pl.concat([pl.read_parquet(storage.partition_dir("cleaned_preferences", k) / "rejects.parquet")
+                      for k in keys]).filter(pl.col("reason") == "duplicate_pair")
+    # a duplicate names the copy that was kept (in its own file or an earlier one), never itself
+    assert not dups.filter(pl.col("detail") == pl.format("duplicate of {}:{}", "source_file", "source_row")).height
+    across = dups.filter(~pl.col("detail").str.starts_with(pl.format("duplicate of {}:", "source_file")))
+    assert across.height >= 1 and across["detail"].str.contains(r"^duplicate of \S+\.\w+:\d+$").all()
 
     tokenized = datasets.load_from_disk(result.output_for_node("tokenized_dataset")["dir"])
     assert len(tokenized["train"]) + len(tokenized["eval"]) == kept
