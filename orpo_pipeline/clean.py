@@ -30,8 +30,9 @@ speed, with the same output as applying those rules to every string
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 import polars_hash as plh
@@ -433,3 +434,50 @@ def table_digest(kept: pl.DataFrame) -> str:
 
     keys = kept.select(pl.format("{}:{}", "split", "content_hash")).to_series().sort().to_list()
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:32]  # MLflow caps dataset digests at 36 chars
+
+
+def clean_in_batches(
+    batches: Iterable[pl.DataFrame],
+    write: Callable[[int, CleanResult], None],
+    eval_fraction: float = 0.2,
+    known_hashes: pl.DataFrame | None = None,
+    min_score_margin: float | None = None,
+) -> dict:
+    """clean_preferences over a table too large to hold, one batch at a time, in source order.
+
+    Each batch's result goes to `write(i, result)` and is dropped; only an index of the kept pairs (hash, file,
+    row) grows, so memory follows the batch size. The concatenated results equal clean_preferences over the whole
+    table: a pair kept in an earlier batch rejects its later copies, and their detail names it.
+    """
+    index = known_hashes if known_hashes is not None else pl.DataFrame(
+        schema={"content_hash": pl.String, "source_file": pl.String, "source_row": pl.Int64})
+    totals: dict = {"batches": 0, "rows_in": 0, "kept": 0, "rejected": 0, "reasons": dict.fromkeys(REASONS, 0)}
+    for i, batch in enumerate(batches):
+        result = clean_preferences(batch, eval_fraction=eval_fraction, known_hashes=index,
+                                   min_score_margin=min_score_margin)
+        write(i, result)
+        index = pl.concat([index, result.kept.select(index.columns)])
+        totals["batches"] += 1
+        totals["rows_in"] += batch.height
+        totals["kept"] += result.kept.height
+        totals["rejected"] += result.rejects.height
+        for reason, n in result.reason_counts().items():
+            totals["reasons"][reason] += n
+    return totals
+
+
+def clean_parquet_file(path: Path, out_dir: Path, batch_rows: int = 250_000, **kwargs) -> dict:
+    """Clean a raw-preference parquet file batch by batch into out_dir/{kept,rejects}-NNNNN.parquet (atomically:
+    the folder appears whole or not at all)."""
+    import pyarrow.parquet as pq
+
+    from .storage import atomic_dir
+
+    source = pq.ParquetFile(path)
+    batches = (pl.from_arrow(b) for b in source.iter_batches(batch_size=batch_rows))
+    with atomic_dir(Path(out_dir)) as tmp:
+        def write(i: int, result: CleanResult) -> None:
+            result.kept.write_parquet(tmp / f"kept-{i:05d}.parquet")
+            result.rejects.write_parquet(tmp / f"rejects-{i:05d}.parquet")
+
+        return clean_in_batches(batches, write, **kwargs)

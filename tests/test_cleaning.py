@@ -317,3 +317,30 @@ def test_duplicate_of_an_earlier_file_names_that_copy_not_itself():
     named = clean_preferences(raw, known_hashes=elsewhere).rejects.filter(pl.col("reason") == "duplicate_pair")
     assert named.sort("source_row")["detail"].to_list() == [
         f"duplicate of old.jsonl:{r + 1000}" for r in sorted(earlier["source_row"].to_list())]
+
+
+@pytest.mark.parametrize("batch_rows", [7, 64, 100_000])
+def test_cleaning_in_batches_from_parquet_equals_cleaning_the_whole_table(tmp_path, batch_rows):
+    from orpo_pipeline.config import SAMPLE_DATA_DIR
+    from orpo_pipeline.ingest import iter_records, records_to_table
+
+    files = sorted(p for p in SAMPLE_DATA_DIR.iterdir() if p.is_file() and p.suffix in {".jsonl", ".json", ".csv"})
+    raw = pl.concat([records_to_table(iter_records(p), p.name) for p in files], how="diagonal_relaxed")
+    # copies (from another file) that land in later batches than their first occurrence
+    raw = pl.concat([raw, raw.head(40).with_columns(source_file=pl.lit("again.jsonl"))])
+    raw.write_parquet(tmp_path / "raw.parquet")
+    whole = clean_preferences(raw, eval_fraction=0.25)
+    totals = clean.clean_parquet_file(tmp_path / "raw.parquet", tmp_path / "out", batch_rows=batch_rows,
+                                      eval_fraction=0.25)
+    kept = pl.read_parquet(sorted((tmp_path / "out").glob("kept-*.parquet")))
+    rejects = pl.read_parquet(sorted((tmp_path / "out").glob("rejects-*.parquet")))
+    assert totals["batches"] == -(-raw.height // batch_rows)
+    assert totals["rows_in"] == raw.height == kept.height + rejects.height
+    assert kept.equals(whole.kept)
+    assert rejects.equals(whole.rejects)  # reasons and details, duplicates of earlier batches included
+    assert totals["reasons"] == whole.reason_counts()
+    again = rejects.filter(pl.col("source_file") == "again.jsonl")
+    assert again.height == 40  # every copy rejected: as a duplicate, or for its original's reason
+    details = again.filter(pl.col("reason") == "duplicate_pair")["detail"]
+    assert len(details) and details.str.contains(r"^duplicate of \w+\.\w+:\d+$").all()
+    assert not details.str.starts_with("duplicate of again.jsonl").any()  # the kept copy is in the earlier file
