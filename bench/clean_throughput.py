@@ -14,6 +14,10 @@ figures of the result file a run replaces are kept in its "previous" field.
 
 (The normalization prototype this file used to carry is now orpo_pipeline.clean itself: "ours".)
 
+"ours, in batches" is orpo_pipeline.clean.clean_parquet_file: the same input written to a parquet file first (in
+another process, not timed), then read, cleaned and written back batch by batch. Its time includes reading the
+input and writing kept + rejects to parquet; its peak RSS is that of a process that never holds the whole table.
+
     nice -n 19 .venv/bin/python bench/clean_throughput.py                      # 2M pairs, baseline 200k
     nice -n 19 .venv/bin/python bench/clean_throughput.py --pairs 100000 --baseline-pairs 20000
 """
@@ -21,6 +25,8 @@ figures of the result file a run replaces are kept in its "previous" field.
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 import json
 import sys
 import time
@@ -285,9 +291,33 @@ def run_baseline(ds, num_proc: int | None = None):
 # ---------------------------------------------------------------- workers
 
 
+def worker_batched(args) -> None:
+    """Clean the parquet file written by the write_input worker, batch by batch; nothing else in memory."""
+    from orpo_pipeline.clean import clean_parquet_file
+
+    out = Path(tempfile.mkdtemp(prefix="clean-batched-")) / "out"
+    result: dict = {"method": "ours_batched", "pairs": args.pairs, "batch_rows": args.batch_rows}
+    try:
+        with measure() as m:
+            totals = clean_parquet_file(Path(args.input_path), out, batch_rows=args.batch_rows,
+                                        eval_fraction=EVAL_FRACTION)
+        result.update(kept=totals["kept"], rejected=totals["rejected"], reasons=totals["reasons"],
+                      batches=totals["batches"], output_mb=sum(f.stat().st_size for f in out.iterdir()) / 2**20)
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    result.update(seconds=m["seconds"], cpu_seconds=m["cpu_seconds"], pairs_per_s=args.pairs / m["seconds"],
+                  pairs_per_cpu_s=args.pairs / max(m["cpu_seconds"], 1e-9), peak_rss_mb=m["peak_rss_mb"],
+                  rss_before_mb=m["rss_before_mb"], peak_reset_at_start=m["peak_reset"],
+                  loadavg_before=m["loadavg_before"], loadavg_after=m["loadavg_after"])
+    emit(result)
+
+
 def worker(args) -> None:
     import polars as pl
 
+    if args.worker == "ours_batched":
+        worker_batched(args)
+        return
     t0 = time.perf_counter()
     raw = build_raw(args.pairs, seed=args.seed, max_field_chars=args.max_field_chars)
     build_s = time.perf_counter() - t0
@@ -306,6 +336,11 @@ def worker(args) -> None:
         with measure() as m:
             out = run_baseline(ds, num_proc=args.baseline_num_proc)
         result.update(kept=len(out), rejected=args.pairs - len(out), num_proc=args.baseline_num_proc)
+    elif args.worker == "write_input":
+        raw.write_parquet(args.input_path)
+        result.update(file_mb=Path(args.input_path).stat().st_size / 2**20)
+        emit(result)
+        return
     elif args.worker == "check":
         res = run_ours(raw)
         ours = set(res.kept.select(pl.format("{}:{}", "split", "content_hash")).to_series().to_list())
@@ -364,6 +399,9 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="run even if the projected peak RSS exceeds 80%% of "
                     "the memory available")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/clean_throughput.json)")
+    ap.add_argument("--batch-rows", type=int, default=250_000, help="rows per batch for 'ours, in batches'")
+    ap.add_argument("--no-batched", action="store_true", help="skip 'ours, in batches'")
+    ap.add_argument("--input-path", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -398,6 +436,26 @@ def main(argv=None) -> int:
         _show("ours", runs[-1])
     ours = min(runs, key=lambda r: r["seconds"])
 
+    batched = None
+    if not args.no_batched:
+        tmp = Path(tempfile.mkdtemp(prefix="clean-input-"))
+        try:
+            path = str(tmp / "raw.parquet")
+            print(f"[ours, in batches] writing the {args.pairs:,} pairs to parquet (not timed) ...", flush=True)
+            written = run_worker(script, ["--worker", "write_input", "--pairs", str(args.pairs), "--input-path", path,
+                                          *common])
+            print(f"[ours, in batches] clean_parquet_file, {args.batch_rows:,} rows per batch ...", flush=True)
+            batched = run_worker(script, ["--worker", "ours_batched", "--pairs", str(args.pairs), "--input-path", path,
+                                          "--batch-rows", str(args.batch_rows), *common])
+            batched.update(input_file_mb=written["file_mb"], input=written["input"],
+                           mb_per_s=written["input"]["text_bytes"] / 2**20 / batched["seconds"])
+            _show("ours, in batches", batched)
+            if (batched["kept"], batched["reasons"]) != (ours["kept"], ours["reasons"]):
+                print("ERROR: cleaning in batches kept or rejected differently from cleaning the whole table")
+                return 2
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     print(f"[baseline] datasets map/filter on {args.baseline_pairs:,} pairs ...", flush=True)
     base = run_worker(script, ["--worker", "baseline", "--pairs", str(args.baseline_pairs), *common])
     _show("baseline", base)
@@ -420,6 +478,10 @@ def main(argv=None) -> int:
     print(f"  target ours >= {TARGET_PAIRS_PER_S:,} pairs/s: {verdict(targets['ours_pairs_per_s>=500k'])}")
     print(f"  target ratio >= {TARGET_RATIO:.0f}x: {verdict(targets['ratio>=10x'])}")
     print(f"  target ours peak RSS < 3 GB: {verdict(targets['ours_peak_rss<3GB'])}")
+    if batched:
+        targets["ours_batched_peak_rss<3GB"] = batched["peak_rss_mb"] < TARGET_PEAK_RSS_MB
+        print(f"  ours, in batches: {fmt_rate(batched['pairs_per_s'])} pairs/s (parquet in and out included), "
+              f"peak RSS {batched['peak_rss_mb']:,.0f} MB: peak RSS < 3 GB {verdict(targets['ours_batched_peak_rss<3GB'])}")
 
     path = save_result("clean_throughput", {
         "config": {"pairs": args.pairs, "baseline_pairs": args.baseline_pairs, "check_pairs": args.check_pairs,
@@ -433,6 +495,7 @@ def main(argv=None) -> int:
         "check": check,
         "ours": ours,
         "ours_runs": runs,
+        "ours_batched": batched,
         "baseline": base,
         "ratio": ratio,
         "previous": previous,
