@@ -399,7 +399,7 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="run even if the projected peak RSS exceeds 80%% of "
                     "the memory available")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/clean_throughput.json)")
-    ap.add_argument("--batch-rows", type=int, default=250_000, help="rows per batch for 'ours, in batches'")
+    ap.add_argument("--batch-rows", type=int, default=50_000, help="rows per batch for 'ours, in batches'")
     ap.add_argument("--no-batched", action="store_true", help="skip 'ours, in batches'")
     ap.add_argument("--input-path", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
