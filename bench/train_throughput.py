@@ -41,7 +41,6 @@ import os
 import platform
 import random
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -61,11 +60,12 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+from bench.common import RESULT_TAG, cpu_model, emit, peak_rss_mb, utc_now  # noqa: E402
+from bench.common import load_average as loadavg  # noqa: E402
 from bench.gpu_configs import GPU_MODELS, MFU_TARGET_MODELS  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ultrafeedback_binarized_1k" / "train.jsonl"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-RESULT_TAG = "BENCH_RESULT "
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "liger-kernel", "datasets", "tokenizers",
              "pyarrow", "polars", "pydantic", "triton")
 CPU_MODELS = ("tiny-random-llama", "smollm2-135m-instruct")
@@ -96,26 +96,6 @@ FLOP_FORMULA = (
 
 # ---------------------------------------------------------------- environment, small helpers
 
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def library_versions() -> dict:
     out = {"python": sys.version.split()[0]}
@@ -127,26 +107,8 @@ def library_versions() -> dict:
     return out
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
-
-
-def peak_rss_mb() -> float:
-    kb = _status_kb("VmHWM")
-    return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
-
-
-def emit(result: dict) -> None:
-    sys.stdout.write(RESULT_TAG + json.dumps(result, default=str) + "\n")
-    sys.stdout.flush()
 
 
 def wait_for_quiet(max_load: float | None, max_wait_s: float) -> dict:
@@ -381,7 +343,6 @@ def summarize(bench: _Bench, warmup: int, device: str, fp: dict) -> dict:
     nonpad = sum(s["non_pad_tokens"] for s in measured)
     padded = sum(s["padded_tokens"] for s in measured)
     flops = sum(s["flops"] for s in measured)
-    step_losses = [x for s in per_step for x in s["loss"]]
     logged = [(d["step"], k, d[k]) for d in bench.logs for k in LOSS_KEYS if k in d]
     bad_logged = [f"step {s} {k}={v}" for s, k, v in logged if not math.isfinite(v)]
     bad_steps = [i + 1 for i, s in enumerate(per_step) if not all(math.isfinite(x) for x in s["loss"])]

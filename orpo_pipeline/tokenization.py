@@ -74,33 +74,32 @@ def encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _list_column(rows: list[list[int]], lengths: np.ndarray) -> pa.ListArray:
+def _list_column(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(offsets[-1]))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
+def _flat(rows: list[list[int]], total: int) -> np.ndarray:
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=total)
+
+
 def _token_table(ps: list[list[int]], cs: list[list[int]], rs: list[list[int]]) -> dict[str, pa.Array]:
-    """TRL's eight token columns (int64 lists), built from flat arrays rather than per-row Python lists."""
-    P = np.fromiter(map(len, ps), dtype=np.int64, count=len(ps))
-    cols: dict[str, pa.Array] = {"prompt_input_ids": _list_column(ps, P), "prompt_attention_mask": _ones_like(P)}
+    """TRL's eight token columns (int64 lists) and the three lengths, built from flat arrays rather than per-row
+    Python lists."""
+    lengths = {name: np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+               for name, rows in (("prompt", ps), ("chosen", cs), ("rejected", rs))}
+    P = lengths["prompt"]
+    cols: dict[str, pa.Array] = {"prompt_input_ids": _list_column(_flat(ps, P.sum()), P),
+                                 "prompt_attention_mask": _list_column(np.ones(P.sum(), dtype=np.int64), P)}
     for name, answers in (("chosen", cs), ("rejected", rs)):
-        A = np.fromiter(map(len, answers), dtype=np.int64, count=len(answers))
-        ids = _list_column([x for pair in zip(ps, answers) for x in pair], P + A)
-        flat = ids.values.to_numpy(zero_copy_only=False)
-        row_start = np.repeat(ids.offsets.to_numpy()[:-1], P + A)
-        in_prompt = (np.arange(len(flat)) - row_start) < np.repeat(P, P + A)
-        cols[f"{name}_input_ids"] = ids
-        cols[f"{name}_attention_mask"] = _ones_like(P + A)
-        cols[f"{name}_labels"] = pa.ListArray.from_arrays(ids.offsets, pa.array(np.where(in_prompt, -100, flat)))
-    return cols
-
-
-def _ones_like(lengths: np.ndarray) -> pa.ListArray:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ones(int(offsets[-1]), dtype=np.int64)))
+        n = P + lengths[name]
+        flat = _flat([x for pair in zip(ps, answers) for x in pair], n.sum())
+        in_prompt = np.arange(len(flat)) - np.repeat(np.cumsum(n) - n, n) < np.repeat(P, n)
+        cols[f"{name}_input_ids"] = _list_column(flat, n)
+        cols[f"{name}_attention_mask"] = _list_column(np.ones(len(flat), dtype=np.int64), n)
+        cols[f"{name}_labels"] = _list_column(np.where(in_prompt, -100, flat), n)
+    return cols | {f"{name}_tokens": pa.array(n) for name, n in lengths.items()}
 
 
 def tokenize_pairs(table: pl.DataFrame, tokenizer, max_length: int = 512, max_prompt_length: int = 0,
@@ -168,10 +167,8 @@ def _tokenize_pairs(
         rs.append(r)
         kept_hashes.append(hashes[i])
     cols = _token_table(ps, cs, rs)
-    cols["content_hash"] = pa.array(kept_hashes, pa.string())
-    for name, rows in (("prompt", ps), ("chosen", cs), ("rejected", rs)):
-        cols[f"{name}_tokens"] = pa.array(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
-    out.dataset = datasets.Dataset(pa.table(cols))
+    lengths = {k: cols.pop(k) for k in ("prompt_tokens", "chosen_tokens", "rejected_tokens")}
+    out.dataset = datasets.Dataset(pa.table(cols | {"content_hash": pa.array(kept_hashes, pa.string())} | lengths))
     return out
 
 

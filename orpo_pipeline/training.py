@@ -359,7 +359,8 @@ class PretokenizedORPOTrainer(ORPOTrainer):
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
-        lengths = ds["length"] if "length" in ds.column_names else [
+        column = self.args.length_column_name
+        lengths = ds[column] if column in ds.column_names else [
             max(len(c), len(r)) for c, r in zip(ds["chosen_input_ids"], ds["rejected_input_ids"])]
         return LengthBucketSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
 
@@ -376,15 +377,14 @@ class PretokenizedORPOTrainer(ORPOTrainer):
             if self.shared_prompt:
                 packed = pack_shared_prompt(batch, self.padding_value)
                 out = call_as_forward(model, lambda m: shared_prompt_orpo_loss(m, packed, self.beta, fused))
-            elif fused:
-                cat = self.concatenated_inputs(batch, padding_value=self.padding_value, device=self.accelerator.device)
-                ids, mask, labels = cat["concatenated_input_ids"], cat["concatenated_attention_mask"], cat["concatenated_labels"]
-                out = call_as_forward(model, lambda m: fused_orpo_loss(m, ids, mask, labels, self.beta))
             else:
                 cat = self.concatenated_inputs(batch, padding_value=self.padding_value, device=self.accelerator.device)
                 ids, mask, labels = cat["concatenated_input_ids"], cat["concatenated_attention_mask"], cat["concatenated_labels"]
-                logits = model(ids, attention_mask=mask, use_cache=False).logits
-                out = orpo_loss_from_logits(logits, labels, self.beta)
+                if fused:
+                    out = call_as_forward(model, lambda m: fused_orpo_loss(m, ids, mask, labels, self.beta))
+                else:
+                    logits = model(ids, attention_mask=mask, use_cache=False).logits
+                    out = orpo_loss_from_logits(logits, labels, self.beta)
         chosen_r, rejected_r = self.beta * out.chosen_logps.detach(), self.beta * out.rejected_logps.detach()
         # every rank computes the same mean over all ranks' pairs, so rank 0's log speaks for the whole batch
         gather = lambda t: self.accelerator.gather_for_metrics(t.detach().float()).mean().item()  # noqa: E731
