@@ -265,8 +265,12 @@ def _edge_rows():
     ]
 
 
+@pytest.mark.parametrize("slice_rows", [None, 3])
 @pytest.mark.parametrize("kwargs", [{}, {"min_score_margin": 0.5}, {"eval_fraction": 0.5}])
-def test_fast_path_equals_reference_on_sample_and_edge_rows(kwargs):
+def test_fast_path_equals_reference_on_sample_and_edge_rows(kwargs, slice_rows, monkeypatch):
+    if slice_rows:  # row-local work in many small slices on the thread pool: lists cut at every boundary
+        monkeypatch.setattr(clean, "SLICE_ROWS", slice_rows)
+        monkeypatch.setattr(clean, "MIN_SLICE_ROWS", slice_rows)
     sample = read_preference_dir(SAMPLE_DATA_DIR)
     edge = pl.DataFrame(_edge_rows(), schema=RAW_SCHEMA, orient="row")
     for raw in (sample, edge, edge.slice(2), pl.concat([edge.head(7), edge.slice(7)], rechunk=False), edge.head(0)):
