@@ -375,7 +375,7 @@ def _row_local_in_slices(df: pl.DataFrame, min_score_margin: float | None) -> pl
     slices = [df.slice(offset, rows) for offset in range(0, df.height, rows)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         parts = list(pool.map(lambda part: _row_local(part, min_score_margin), slices))
-    return pl.concat(parts, rechunk=True)
+    return pl.concat(parts, rechunk=False)
 
 
 def clean_preferences(
