@@ -15,16 +15,19 @@ spaces, no trailing blanks, no runs of blank lines, stripped. It is written for
 speed, with the same output as applying those rules to every string
 (tests/test_cleaning.py checks that against plain `unicodedata` + `re`):
 
-- a string no rule can change is returned as is; one regex scan decides
-  (`_changes_pattern`), and in real data that is most strings;
+- a string no rule can change is returned as is, and in real data that is most
+  strings; cheap scans decide (`_needs_rules`), and the costly regex runs on
+  non-ASCII strings only;
 - NFC runs only on strings that contain an "NFC suspect" code point
-  (`nfc_suspect_ranges`): a string without one is already NFC;
+  (`nfc_suspect_ranges`): a string without one is already NFC; each other rule
+  also runs only on the strings it can change;
 - zero-width removal and odd-space replacement are one Aho-Corasick pass;
 - rewritten strings are gathered back into the column, so the others are shared
   with the input, not copied (`normalize_series`);
 - prompt message contents are normalized as one flat column and put back into
   their lists with the original offsets (`normalize_messages`), because inside
-  `list.eval` the guards above would evaluate every branch on every element.
+  `list.eval` the guards above would evaluate every branch on every element;
+- the row-local work runs in slices on polars' thread pool (`SLICE_ROWS`).
 """
 
 from __future__ import annotations
