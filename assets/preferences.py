@@ -7,7 +7,7 @@ import polars as pl
 
 from orpo_pipeline import clean, drops, ingest, tokenization
 from orpo_pipeline.plots import histograms_png, markdown_image, markdown_table
-from orpo_pipeline.storage import atomic_dir, write_json
+from orpo_pipeline.storage import ParquetAppender, atomic_dir, write_json
 from resources import MlflowResource, StorageResource
 
 from .config import DataConfig, TokenizeConfig
@@ -25,14 +25,20 @@ def raw_preferences(
     rows = []
     for key in context.partition_keys:
         src = drops.load_source(storage.sources_path, key)
-        try:
-            raw = ingest.records_to_table(ingest.iter_records(src.path), src.name, config.format, config.column_mapping)
+        tables = ingest.iter_tables(ingest.iter_records(src.path), src.name, config.format, config.column_mapping,
+                                    batch_rows=config.batch_rows)
+        row = {"partition": key, "file": src.name, "format": None, "rows": 0, "unparseable": 0}
+        try:  # a batch at a time: a file of millions of pairs is never held whole
+            with atomic_dir(storage.partition_dir("raw_preferences", key)) as tmp, \
+                    ParquetAppender(tmp / "raw.parquet") as out:
+                for t in tables:
+                    out.write(t)
+                    row["format"] = row["format"] or t["format"].drop_nulls().first()
+                    row["rows"] += t.height
+                    row["unparseable"] += int(t["error"].is_not_null().sum())
         except ingest.PreferenceFormatError as e:
             raise dg.Failure(f"partition {key} ({src.name}): {e}") from e
-        with atomic_dir(storage.partition_dir("raw_preferences", key)) as tmp:
-            raw.write_parquet(tmp / "raw.parquet")
-        rows.append({"partition": key, "file": src.name, "format": str(raw["format"].drop_nulls().first() or "?"),
-                     "rows": len(raw), "unparseable": int(raw["error"].is_not_null().sum())})
+        rows.append({**row, "format": str(row["format"] or "?")})
     table = pl.DataFrame(rows)
     run_id = mlflow_tracking.run_id_for(context.run.run_id, context.asset_key.to_user_string())
     return dg.MaterializeResult(
@@ -81,31 +87,33 @@ def cleaned_preferences(
     index = _read_hash_index(storage)
     margins_seen: list[float | None] = []
     for key in sorted(context.partition_keys, key=order.index):
-        raw = pl.read_parquet(storage.partition_dir("raw_preferences", key) / "raw.parquet")
+        raw_path = storage.partition_dir("raw_preferences", key) / "raw.parquet"
         earlier = set(order[: order.index(key)])
         known = index.filter(pl.col("partition").is_in(earlier)).drop("partition")
-        result = clean.clean_preferences(raw, eval_fraction=config.eval_fraction, known_hashes=known,
-                                         min_score_margin=config.min_score_margin)
-        accounting = clean.rows_accounting(raw, result)
-        if not accounting["balanced"].all():
-            raise dg.Failure(f"row accounting broke in {key}: {accounting.filter(~pl.col('balanced')).to_dicts()}")
-        for row in result.rejects.filter(pl.col("reason").is_in(["unparseable", "annotator_tie"])).head(20).iter_rows(named=True):
-            context.log.warning(f"rejected {row['detail']}")
-        counts = result.reason_counts()
-        margins_seen += (raw["score_chosen"] - raw["score_rejected"]).to_list()
         with atomic_dir(storage.partition_dir("cleaned_preferences", key)) as tmp:
-            result.train.write_parquet(tmp / "train.parquet")
-            result.eval.write_parquet(tmp / "eval.parquet")
-            result.rejects.write_parquet(tmp / "rejects.parquet")
-            write_json(tmp / "summary.json", {"digest": clean.table_digest(result.kept), "rows_in": len(raw),
-                                              "kept": len(result.kept), "reasons": counts})
+            totals = clean.clean_parquet_file(raw_path, tmp, batch_rows=config.batch_rows,
+                                              eval_fraction=config.eval_fraction, known_hashes=known,
+                                              min_score_margin=config.min_score_margin)
+            accounting = totals["accounting"]
+            if not accounting["balanced"].all():
+                raise dg.Failure(f"row accounting broke in {key}: {accounting.filter(~pl.col('balanced')).to_dicts()}")
+            counts = totals["reasons"]
+            write_json(tmp / "summary.json", {"digest": totals["digest"], "rows_in": totals["rows_in"],
+                                              "kept": totals["kept"], "reasons": counts})
+        unreadable = pl.scan_parquet(storage.partition_dir("cleaned_preferences", key) / "rejects.parquet").filter(
+            pl.col("reason").is_in(["unparseable", "annotator_tie"])).head(20).collect()
+        for detail in unreadable["detail"]:
+            context.log.warning(f"rejected {detail}")
+        margins_seen += pl.scan_parquet(raw_path).select(pl.col("score_chosen") - pl.col("score_rejected")) \
+            .collect().to_series().to_list()
         index = pl.concat([index.filter(pl.col("partition") != key),
-                           result.kept.select(pl.lit(key).alias("partition"), "content_hash", "source_file",
-                                              "source_row")], how="diagonal_relaxed")
-        summary.append({"partition": key, "file": str(raw["source_file"].first() or ""), "rows_in": len(raw),
-                        "reject_share": round(len(result.rejects) / max(len(raw), 1), 4),
-                        "kept": len(result.kept), "train": len(result.train), "eval": len(result.eval),
-                        "rejected": len(result.rejects), **counts})
+                           totals["kept_index"].select(pl.lit(key).alias("partition"), "content_hash", "source_file",
+                                                       "source_row")], how="diagonal_relaxed")
+        summary.append({"partition": key, "file": str(accounting["source_file"].first() or ""),
+                        "rows_in": totals["rows_in"],
+                        "reject_share": round(totals["rejected"] / max(totals["rows_in"], 1), 4),
+                        "kept": totals["kept"], "train": totals["train"], "eval": totals["eval"],
+                        "rejected": totals["rejected"], **counts})
     _write_hash_index(storage, index)
     table = pl.DataFrame(summary)
     reasons = {r: int(table[r].sum()) for r in clean.REASONS}

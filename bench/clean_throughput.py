@@ -15,7 +15,8 @@ figures of the result file a run replaces are kept in its "previous" field.
 (The normalization prototype this file used to carry is now orpo_pipeline.clean itself: "ours".)
 
 "ours, in batches" is orpo_pipeline.clean.clean_parquet_file: the same input written to a parquet file first (in
-another process, not timed), then read, cleaned and written back batch by batch. Its time includes reading the
+another process, not timed), then read, cleaned and written back (train, eval, rejects) batch by batch: what the
+cleaned_preferences asset does. Its time includes reading the
 input and writing kept + rejects to parquet; its peak RSS is that of a process that never holds the whole table.
 
     nice -n 19 .venv/bin/python bench/clean_throughput.py                      # 2M pairs, baseline 200k
@@ -295,7 +296,7 @@ def worker_batched(args) -> None:
     """Clean the parquet file written by the write_input worker, batch by batch; nothing else in memory."""
     from orpo_pipeline.clean import clean_parquet_file
 
-    out = Path(tempfile.mkdtemp(prefix="clean-batched-")) / "out"
+    out = Path(tempfile.mkdtemp(prefix="clean-batched-"))
     result: dict = {"method": "ours_batched", "pairs": args.pairs, "batch_rows": args.batch_rows}
     try:
         with measure() as m:
@@ -304,7 +305,7 @@ def worker_batched(args) -> None:
         result.update(kept=totals["kept"], rejected=totals["rejected"], reasons=totals["reasons"],
                       batches=totals["batches"], output_mb=sum(f.stat().st_size for f in out.iterdir()) / 2**20)
     finally:
-        shutil.rmtree(out.parent, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
     result.update(seconds=m["seconds"], cpu_seconds=m["cpu_seconds"], pairs_per_s=args.pairs / m["seconds"],
                   pairs_per_cpu_s=args.pairs / max(m["cpu_seconds"], 1e-9), peak_rss_mb=m["peak_rss_mb"],
                   rss_before_mb=m["rss_before_mb"], peak_reset_at_start=m["peak_reset"],

@@ -44,6 +44,12 @@ class DataSettings(BaseModel):
         ge=0.0,
         description="If set, scored pairs with tied scores or score_chosen - score_rejected below this are rejected.",
     )
+    batch_rows: int = Field(
+        50_000,
+        ge=1,
+        description="Rows read, cleaned and written at a time; memory follows it, not the file size "
+        "(50k real-length pairs: about 1.6 GB).",
+    )
 
 
 class ModelSettings(BaseModel):

@@ -549,19 +549,26 @@ def _parser_for(fmt: str) -> Callable[[dict], Pair] | None:
     return FORMATS[fmt][1]
 
 
-def records_to_table(
+# rows parsed into one table at a time by iter_tables: memory follows this, not the file
+BATCH_ROWS = 50_000
+
+
+def iter_tables(
     records: Iterable[tuple[int, dict | RowError]],
     source: str,
     fmt: str = "auto",
     column_mapping: dict[str, str] | None = None,
-) -> pl.DataFrame:
-    """Parse records of one source into raw-table rows; bad records keep their error."""
+    batch_rows: int = BATCH_ROWS,
+) -> Iterator[pl.DataFrame]:
+    """Parse records of one source into raw-table rows, `batch_rows` at a time (at least one table, maybe empty);
+    bad records keep their error. The format is detected once, from the first record that matches one."""
     parser = _parser_for(fmt)
     records = ((n, _rename(rec, column_mapping)) for n, rec in records)
     if parser is None:
         fmt, records = _detect(records, source)
         parser = FORMATS[fmt][1] if fmt else None
     rows: dict[str, list] = {k: [] for k in RAW_SCHEMA}
+    yielded = False
     for row_no, rec in records:
         pair, error = _parse(rec, parser)
         rows["source_file"].append(source)
@@ -571,7 +578,21 @@ def records_to_table(
         rows["format"].append(fmt)
         for field in ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"):
             rows[field].append(getattr(pair, field) if pair else None)
-    return pl.DataFrame(rows, schema=RAW_SCHEMA)
+        if len(rows["source_row"]) >= batch_rows:
+            yield pl.DataFrame(rows, schema=RAW_SCHEMA)
+            rows, yielded = {k: [] for k in RAW_SCHEMA}, True
+    if rows["source_row"] or not yielded:
+        yield pl.DataFrame(rows, schema=RAW_SCHEMA)
+
+
+def records_to_table(
+    records: Iterable[tuple[int, dict | RowError]],
+    source: str,
+    fmt: str = "auto",
+    column_mapping: dict[str, str] | None = None,
+) -> pl.DataFrame:
+    """Parse records of one source into raw-table rows; bad records keep their error."""
+    return pl.concat(iter_tables(records, source, fmt, column_mapping))
 
 
 def preference_files(data_dir: Path) -> list[Path]:

@@ -73,3 +73,29 @@ def dir_digest(path: Path) -> str:
         h.update(str(p.relative_to(path)).encode())
         h.update(file_digest(p).encode())
     return h.hexdigest()
+
+
+class ParquetAppender:
+    """One parquet file written a table at a time, so a large table never has to be held whole. Every table
+    must have the same schema; the first one (even empty) fixes it. Write into an atomic_dir's temp folder."""
+
+    def __init__(self, path: Path):
+        self.path, self._writer = Path(path), None
+
+    def write(self, df) -> None:
+        import pyarrow.parquet as pq
+
+        table = df.to_arrow()
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, table.schema)
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> "ParquetAppender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

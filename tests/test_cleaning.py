@@ -334,14 +334,19 @@ def test_cleaning_in_batches_from_parquet_equals_cleaning_the_whole_table(tmp_pa
     raw = pl.concat([raw, raw.head(40).with_columns(source_file=pl.lit("again.jsonl"))])
     raw.write_parquet(tmp_path / "raw.parquet")
     whole = clean_preferences(raw, eval_fraction=0.25)
+    (tmp_path / "out").mkdir()
     totals = clean.clean_parquet_file(tmp_path / "raw.parquet", tmp_path / "out", batch_rows=batch_rows,
                                       eval_fraction=0.25)
-    kept = pl.read_parquet(sorted((tmp_path / "out").glob("kept-*.parquet")))
-    rejects = pl.read_parquet(sorted((tmp_path / "out").glob("rejects-*.parquet")))
+    train, eval_, rejects = (pl.read_parquet(tmp_path / "out" / f"{name}.parquet")
+                             for name in ("train", "eval", "rejects"))
     assert totals["batches"] == -(-raw.height // batch_rows)
-    assert totals["rows_in"] == raw.height == kept.height + rejects.height
-    assert kept.equals(whole.kept)
+    assert totals["rows_in"] == raw.height == train.height + eval_.height + rejects.height
+    assert train.equals(whole.train) and eval_.equals(whole.eval)
     assert rejects.equals(whole.rejects)  # reasons and details, duplicates of earlier batches included
+    assert (totals["train"], totals["eval"]) == (whole.train.height, whole.eval.height)
+    assert totals["digest"] == clean.table_digest(whole.kept)
+    assert totals["kept_index"].equals(whole.kept.select("content_hash", "source_file", "source_row"))
+    assert totals["accounting"].equals(clean.rows_accounting(raw, whole))
     assert totals["reasons"] == whole.reason_counts()
     again = rejects.filter(pl.col("source_file") == "again.jsonl")
     assert again.height == 40  # every copy rejected: as a duplicate, or for its original's reason

@@ -144,3 +144,36 @@ def test_benchmark_scores_compare_base_and_tuned(pipeline_run):
         assert 0.0 <= scores[name]["preference_accuracy"] <= 1.0
         assert scores[name]["chosen_nll"] > 0 and scores[name]["pairs"] == 16
     assert "| preference_accuracy |" in mats["benchmark_scores"]["scores"].value
+
+
+def _clean_sample(state: Path, data_config: dict) -> None:
+    from assets.preferences import cleaned_preferences, raw_preferences
+
+    resources = {
+        "storage": StorageResource(root=str(state)),
+        "mlflow_tracking": MlflowResource(state_dir=str(state), registered_model_name="tiny-orpo"),
+    }
+    with dg.instance_for_test() as instance:
+        _, keys = register_files(instance, preference_files(SAMPLE_DATA_DIR), resources["storage"].sources_path)
+        result = dg.materialize(
+            [raw_preferences, cleaned_preferences], resources=resources, instance=instance, tags=range_tags(keys),
+            run_config={"ops": {name: {"config": data_config} for name in ("raw_preferences", "cleaned_preferences")}},
+        )
+        assert result.success
+
+
+def test_files_read_and_cleaned_a_few_rows_at_a_time_give_the_same_partitions(tmp_path):
+    """batch_rows bounds memory on big files; 7-row batches (duplicates across batches and files) change nothing."""
+    _clean_sample(tmp_path / "whole", {})
+    _clean_sample(tmp_path / "batched", {"batch_rows": 7})
+    for asset, files in (("raw_preferences", ["raw.parquet"]),
+                         ("cleaned_preferences", ["train.parquet", "eval.parquet", "rejects.parquet"])):
+        folders = sorted((tmp_path / "whole" / "artifacts" / asset / "partitions").iterdir())
+        assert len(folders) == len(preference_files(SAMPLE_DATA_DIR))
+        for whole in folders:
+            batched = tmp_path / "batched" / "artifacts" / asset / "partitions" / whole.name
+            for name in files:
+                assert pl.read_parquet(whole / name).equals(pl.read_parquet(batched / name)), (whole.name, name)
+    summaries = sorted((tmp_path / "whole").rglob("summary.json"))
+    assert summaries and all(p.read_text() == (tmp_path / "batched" / p.relative_to(tmp_path / "whole")).read_text()
+                             for p in summaries)
