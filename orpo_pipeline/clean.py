@@ -570,7 +570,7 @@ def parquet_batches(path: Path, batch_rows: int) -> Iterator[pl.DataFrame]:
 def clean_parquet_file(path: Path, out_dir: Path, batch_rows: int = 50_000, **kwargs) -> dict:
     """Clean a raw-preference parquet file batch by batch into out_dir/{train,eval,rejects}.parquet, each written
     a batch at a time (write into an atomic_dir's temp folder). Returns clean_in_batches' totals. On 500k
-    real-length pairs, 50k-row batches peaked at 1.6 GB and 250k-row ones at 4.6 GB, at the same speed."""
+    real-length pairs, 50k-row batches peaked at 1.6-1.7 GB and 250k-row ones at 4.6 GB, at the same speed."""
     from .storage import ParquetAppender
 
     with ParquetAppender(out_dir / "train.parquet") as train, ParquetAppender(out_dir / "eval.parquet") as eval_, \
