@@ -553,6 +553,31 @@ def _parser_for(fmt: str) -> Callable[[dict], Pair] | None:
 BATCH_ROWS = 50_000
 
 
+def _message_lists(prompts: list[list[dict[str, str]] | None]) -> pl.Series:
+    """The prompt column, built from flat role/content columns and list offsets through Arrow (zero-copy): polars
+    builds a List(Struct) from Python dicts one row at a time, which halved ingest speed."""
+    import numpy as np
+    import pyarrow as pa
+
+    offsets, roles, contents, missing = [0], [], [], []
+    for messages in prompts:
+        missing.append(messages is None)
+        for m in messages or ():
+            roles.append(m["role"])
+            contents.append(m["content"])
+        offsets.append(len(roles))
+    flat = pl.DataFrame({"role": roles, "content": contents}, schema=RAW_SCHEMA["prompt"].inner.to_schema())
+    messages = flat.to_struct("m").to_arrow(compat_level=pl.CompatLevel.newest())
+    lists = pa.LargeListArray.from_arrays(pa.array(np.array(offsets, dtype=np.int64)), messages,
+                                          mask=pa.array(np.array(missing, dtype=bool)) if any(missing) else None)
+    return pl.Series("prompt", lists).cast(RAW_SCHEMA["prompt"])
+
+
+def _table(rows: dict[str, list]) -> pl.DataFrame:
+    prompts = _message_lists(rows["prompt"])
+    return pl.DataFrame({**rows, "prompt": [None] * len(prompts)}, schema=RAW_SCHEMA).with_columns(prompts)
+
+
 def iter_tables(
     records: Iterable[tuple[int, dict | RowError]],
     source: str,
@@ -579,10 +604,10 @@ def iter_tables(
         for field in ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"):
             rows[field].append(getattr(pair, field) if pair else None)
         if len(rows["source_row"]) >= batch_rows:
-            yield pl.DataFrame(rows, schema=RAW_SCHEMA)
+            yield _table(rows)
             rows, yielded = {k: [] for k in RAW_SCHEMA}, True
     if rows["source_row"] or not yielded:
-        yield pl.DataFrame(rows, schema=RAW_SCHEMA)
+        yield _table(rows)
 
 
 def records_to_table(

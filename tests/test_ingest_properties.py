@@ -245,3 +245,32 @@ def test_every_single_fault_in_every_place(tmp_path, name):
         in_memory = records_to_table(enumerate(batch, start=1), "hf[train]", fmt)  # as a HF dataset hands them over
         result = clean_preferences(in_memory)
         assert len(in_memory) == len(batch) == len(result.kept) + len(result.rejects)
+
+
+
+parsed_prompt = st.one_of(st.none(), st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system"]), "content": st.text(max_size=8)}), max_size=3))
+
+
+@SETTINGS
+@given(st.lists(parsed_prompt, max_size=12))
+def test_prompt_column_through_arrow_is_what_polars_builds_from_dicts(prompts):
+    """Null prompts, empty lists and empty tables included."""
+    from orpo_pipeline.ingest import RAW_SCHEMA, _table
+
+    rows = {k: [None] * len(prompts) for k in RAW_SCHEMA}
+    rows.update(prompt=prompts, source_file=["f"] * len(prompts), source_row=list(range(len(prompts))))
+    assert _table(rows).equals(pl.DataFrame(rows, schema=RAW_SCHEMA))
+
+
+@pytest.mark.parametrize("batch_rows", [1, 3, 1000])
+def test_batches_concatenate_to_the_whole_table(batch_rows):
+    from orpo_pipeline.config import SAMPLE_DATA_DIR
+    from orpo_pipeline.ingest import iter_tables
+
+    path = sorted(SAMPLE_DATA_DIR.glob("*.jsonl"))[0]
+    tables = list(iter_tables(iter_records(path), path.name, batch_rows=batch_rows))
+    whole = records_to_table(iter_records(path), path.name)
+    assert all(t.height == batch_rows for t in tables[:-1]) and 0 < tables[-1].height <= batch_rows
+    assert pl.concat(tables).equals(whole)
+    assert [t.height for t in iter_tables([], "empty.jsonl", "trl_standard")] == [0]
