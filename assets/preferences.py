@@ -36,6 +36,8 @@ def raw_preferences(
                     row["format"] = row["format"] or t["format"].drop_nulls().first()
                     row["rows"] += t.height
                     row["unparseable"] += int(t["error"].is_not_null().sum())
+                    if t.height == config.batch_rows:  # a big file: say how far it got
+                        context.log.info(f"{key} ({src.name}): {row['rows']:,} rows read")
         except ingest.PreferenceFormatError as e:
             raise dg.Failure(f"partition {key} ({src.name}): {e}") from e
         rows.append({**row, "format": str(row["format"] or "?")})
@@ -91,7 +93,11 @@ def cleaned_preferences(
         earlier = set(order[: order.index(key)])
         known = index.filter(pl.col("partition").is_in(earlier)).drop("partition")
         with atomic_dir(storage.partition_dir("cleaned_preferences", key)) as tmp:
-            totals = clean.clean_parquet_file(raw_path, tmp, batch_rows=config.batch_rows,
+            def progress(done: int, total: int, key=key) -> None:
+                if total > config.batch_rows:
+                    context.log.info(f"{key}: {done:,} / {total:,} rows cleaned")
+
+            totals = clean.clean_parquet_file(raw_path, tmp, batch_rows=config.batch_rows, progress=progress,
                                               eval_fraction=config.eval_fraction, known_hashes=known,
                                               min_score_margin=config.min_score_margin)
             accounting = totals["accounting"]

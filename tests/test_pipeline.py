@@ -146,7 +146,7 @@ def test_benchmark_scores_compare_base_and_tuned(pipeline_run):
     assert "| preference_accuracy |" in mats["benchmark_scores"]["scores"].value
 
 
-def _clean_sample(state: Path, data_config: dict) -> None:
+def _clean_sample(state: Path, data_config: dict) -> list[str]:
     from assets.preferences import cleaned_preferences, raw_preferences
 
     resources = {
@@ -160,12 +160,16 @@ def _clean_sample(state: Path, data_config: dict) -> None:
             run_config={"ops": {name: {"config": data_config} for name in ("raw_preferences", "cleaned_preferences")}},
         )
         assert result.success
+        return [e.user_message for e in instance.all_logs(result.run_id)]
 
 
 def test_files_read_and_cleaned_a_few_rows_at_a_time_give_the_same_partitions(tmp_path):
     """batch_rows bounds memory on big files; 7-row batches (duplicates across batches and files) change nothing."""
-    _clean_sample(tmp_path / "whole", {})
-    _clean_sample(tmp_path / "batched", {"batch_rows": 7})
+    quiet = _clean_sample(tmp_path / "whole", {})
+    told = _clean_sample(tmp_path / "batched", {"batch_rows": 7})
+    # big files report progress per batch; small ones do not
+    assert any(m.endswith("rows read") for m in told) and any(m.endswith("rows cleaned") for m in told)
+    assert not any(m.endswith(("rows read", "rows cleaned")) for m in quiet)
     for asset, files in (("raw_preferences", ["raw.parquet"]),
                          ("cleaned_preferences", ["train.parquet", "eval.parquet", "rejects.parquet"])):
         folders = sorted((tmp_path / "whole" / "artifacts" / asset / "partitions").iterdir())
