@@ -517,11 +517,25 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, dict | RowError]]:
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, dict | RowError]]:
+    """Row groups are read a batch at a time, so a large file is never held whole."""
+    import pyarrow.parquet as pq
+
     try:
-        table = pl.read_parquet(path)
-    except Exception as e:  # polars raises several error types for a damaged file
+        source = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several error types for a damaged file
         raise PreferenceFormatError(f"{path}: unreadable parquet: {e}") from e
-    return enumerate(table.iter_rows(named=True), start=1)
+
+    def rows() -> Iterator[tuple[int, dict | RowError]]:
+        n = 0
+        try:
+            for batch in source.iter_batches(batch_size=10_000):
+                for row in pl.from_arrow(batch).iter_rows(named=True):
+                    n += 1
+                    yield n, row
+        except Exception as e:
+            raise PreferenceFormatError(f"{path}: unreadable parquet after row {n}: {e}") from e
+
+    return rows()
 
 
 def iter_records(path: Path) -> Iterator[tuple[int, dict | RowError]]:

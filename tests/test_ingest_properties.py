@@ -274,3 +274,13 @@ def test_batches_concatenate_to_the_whole_table(batch_rows):
     assert all(t.height == batch_rows for t in tables[:-1]) and 0 < tables[-1].height <= batch_rows
     assert pl.concat(tables).equals(whole)
     assert [t.height for t in iter_tables([], "empty.jsonl", "trl_standard")] == [0]
+
+
+def test_parquet_is_read_a_batch_at_a_time_with_rows_numbered_across_batches(tmp_path):
+    n = 25_001  # three of the reader's 10k-row batches
+    path = tmp_path / "big.parquet"
+    pl.DataFrame({"prompt": [f"q{i}" for i in range(n)], "chosen": ["c"] * n, "rejected": ["r"] * n}).write_parquet(
+        path, row_group_size=7_000)
+    raw = records_to_table(iter_records(path), path.name)
+    assert raw["source_row"].to_list() == list(range(1, n + 1))
+    assert raw["prompt"].list.first().struct.field("content").to_list() == [f"q{i}" for i in range(n)]
