@@ -409,6 +409,9 @@ def clean_preferences(
     is_copy = valid & ~((pl.col("source_file") == pl.col("first_file")) & (pl.col("source_row") == pl.col("first_row")))
     known = known_hashes.to_frame("content_hash") if isinstance(known_hashes, pl.Series) else known_hashes
     if known is not None:
+        # only the known pairs this table holds: a lookup set of the table's hashes is probed by the index, so
+        # the cost of a long history is one pass over its hashes, not a hash table of them
+        known = known.filter(pl.col("content_hash").is_in(df["content_hash"].drop_nulls().implode()))
         df = df.with_columns(_known=valid & hashed & pl.col("content_hash").is_in(known["content_hash"].implode()))
         is_copy = is_copy | pl.col("_known")
     df = df.with_columns(pl.when(is_copy).then(pl.lit("duplicate_pair")).otherwise(pl.col("reason")).alias("reason"))
