@@ -238,18 +238,20 @@ def _odd(s: pl.Series, non_ascii: pl.Series) -> pl.Series:
     return _where(s, non_ascii, lambda x: x.str.contains_any(ODD_CHARACTERS))
 
 
-def _needs_rules(s: pl.Series, non_ascii: pl.Series, suspect: pl.Series) -> pl.Series:
-    """Where `_changes_pattern()` matches, in cheaper passes: Aho-Corasick scans for the literals the rules act
-    on, the first and last character, and the NFC suspects found already."""
+def _needs_rules(s: pl.Series, suspect: pl.Series, odd: pl.Series) -> pl.Series:
+    """Where `_changes_pattern()` matches, in cheaper passes: an Aho-Corasick scan for the ASCII literals the rules
+    act on, the first and last character, and the NFC suspects and odd characters found already."""
     ends = s.str.head(1).is_in(WHITE_SPACE) | s.str.tail(1).is_in(WHITE_SPACE)
-    return (s.str.contains_any(ASCII_RULE_LITERALS) | ends).fill_null(False) | suspect | _odd(s, non_ascii)
+    return (s.str.contains_any(ASCII_RULE_LITERALS) | ends).fill_null(False) | suspect | odd
 
 
-def _apply_rules(s: pl.Series, suspect: pl.Series) -> pl.Series:
-    """`_rules` for a Series whose NFC suspects are known: each rule runs only on the strings it can change."""
+def _apply_rules(s: pl.Series, suspect: pl.Series, odd: pl.Series) -> pl.Series:
+    """`_rules` for a Series whose NFC suspects and odd characters are known: each rule runs only on the strings
+    it can change. (NFC and the CR rule neither add nor remove odd characters: NFC maps U+2000/U+2001 to
+    U+2002/U+2003, odd spaces too, so `odd` still holds when that rule runs.)"""
     s = _rewrite(s, suspect, lambda x: x.str.normalize("NFC"))
     s = _rewrite(s, s.str.contains("\r", literal=True), lambda x: x.str.replace_all(r"\r\n?", "\n"))
-    s = _rewrite(s, _odd(s, _non_ascii(s)), lambda x: x.str.replace_many(
+    s = _rewrite(s, odd, lambda x: x.str.replace_many(
         ODD_CHARACTERS, [""] * len(ZERO_WIDTH) + [" "] * len(ODD_SPACES)))
     s = _rewrite(s, s.str.contains_any([" \n", "\t\n"]), lambda x: x.str.replace_all(r"[ \t]+\n", "\n"))
     s = _rewrite(s, s.str.contains("\n\n\n", literal=True), lambda x: x.str.replace_all(r"\n{3,}", "\n\n"))
@@ -260,9 +262,9 @@ def normalize_series(s: pl.Series) -> pl.Series:
     """`normalize_text` for a String Series: only the strings some rule changes are rewritten (`_needs_rules`
     decides); the others are shared with `s`, not copied."""
     non_ascii = _non_ascii(s)
-    suspect = _nfc_suspects(s, non_ascii)
-    needs = _needs_rules(s, non_ascii, suspect)
-    return _rewrite(s, needs, lambda x: _apply_rules(x, suspect.filter(needs)))
+    suspect, odd = _nfc_suspects(s, non_ascii), _odd(s, non_ascii)
+    needs = _needs_rules(s, suspect, odd)
+    return _rewrite(s, needs, lambda x: _apply_rules(x, suspect.filter(needs), odd.filter(needs)))
 
 
 def normalize_messages(prompt: pl.Series) -> pl.Series:
