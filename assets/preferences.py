@@ -75,6 +75,19 @@ def _write_hash_index(storage: StorageResource, index: pl.DataFrame) -> None:
         index.write_parquet(tmp, compression="uncompressed")
 
 
+def _refuse_other_hashes(index: pl.DataFrame, cleaning: list[str]) -> None:
+    """Partitions cleaned by a version that hashed with SHA-256 (64 hex digits) would never match a new pair's
+    hash, so their duplicates would pass unseen: stop, and say which partitions to clean again."""
+    stale = index.filter(~pl.col("partition").is_in(cleaning)
+                         & (pl.col("content_hash").str.len_bytes() != clean.HASH_HEX_CHARS))
+    if stale.height:
+        names = sorted(stale["partition"].unique().to_list())
+        raise dg.Failure(
+            f"cleaned_preferences partitions {names} were cleaned by an earlier version, whose content hashes "
+            f"(SHA-256) cannot be compared with this version's (xxh3-128): materialize cleaned_preferences for "
+            f"those partitions too (a backfill of all partitions does it), so every pair shares one hash")
+
+
 # pool: the hash index is read-modify-write, so two cleaning runs must not interleave (default_limit 1)
 @dg.asset(group_name=GROUP, kinds={"polars", "parquet"}, partitions_def=preference_files, backfill_policy=ONE_RUN,
           deps=[raw_preferences], pool="preference_index")
@@ -88,6 +101,7 @@ def cleaned_preferences(
     order = registered_keys(context.instance)
     summary = []
     index = _read_hash_index(storage)
+    _refuse_other_hashes(index, context.partition_keys)
     margins_seen: list[float | None] = []
     for key in sorted(context.partition_keys, key=order.index):
         raw_path = storage.partition_dir("raw_preferences", key) / "raw.parquet"

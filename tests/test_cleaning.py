@@ -6,6 +6,7 @@ from unittest import mock
 
 import polars as pl
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -65,7 +66,10 @@ def test_kept_rows_carry_source_hash_and_normalized_text(tmp_path):
     assert row["prompt"] == [{"role": "user", "content": "Café?"}]
     assert row["chosen"] == "Yes indeed"
     assert (row["source_file"], row["source_row"]) == ("p.jsonl", 1)
-    assert len(row["content_hash"]) == 64
+    # documented, so users can recompute them: xxh3-128 of the prompt key and of key + chosen + rejected
+    key = "user\x1fCafé?"
+    assert row["prompt_hash"] == xxhash.xxh3_128_hexdigest(key.encode())
+    assert row["content_hash"] == xxhash.xxh3_128_hexdigest("\x1d".join([key, "Yes indeed", "No"]).encode())
 
 
 def test_split_is_by_prompt_and_stable_when_data_is_added():

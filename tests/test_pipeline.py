@@ -181,3 +181,28 @@ def test_files_read_and_cleaned_a_few_rows_at_a_time_give_the_same_partitions(tm
     summaries = sorted((tmp_path / "whole").rglob("summary.json"))
     assert summaries and all(p.read_text() == (tmp_path / "batched" / p.relative_to(tmp_path / "whole")).read_text()
                              for p in summaries)
+
+
+def test_partitions_hashed_by_an_older_version_stop_cleaning_until_cleaned_again(tmp_path):
+    from assets.preferences import _hash_index_path, cleaned_preferences, raw_preferences
+
+    _clean_sample(tmp_path, {})
+    storage = StorageResource(root=str(tmp_path))
+    index = pl.read_parquet(_hash_index_path(storage))
+    old = index.with_columns(pl.col("content_hash") + pl.col("content_hash"))  # 64 digits, as SHA-256 was
+    old.write_parquet(_hash_index_path(storage))
+    resources = {"storage": storage,
+                 "mlflow_tracking": MlflowResource(state_dir=str(tmp_path), registered_model_name="tiny-orpo")}
+    with dg.instance_for_test() as instance:
+        _, keys = register_files(instance, preference_files(SAMPLE_DATA_DIR), storage.sources_path)
+        assert sorted(keys) == sorted(index["partition"].unique().to_list())
+        last = dg.materialize([raw_preferences, cleaned_preferences], selection=[cleaned_preferences],
+                              resources=resources, instance=instance, partition_key=keys[-1], raise_on_error=False)
+        assert not last.success
+        failure = next(e for e in last.all_events if e.event_type_value == "STEP_FAILURE")
+        message = str(failure.event_specific_data.error)
+        assert all(k in message for k in keys[:-1]) and "xxh3-128" in message
+        every = dg.materialize([raw_preferences, cleaned_preferences], selection=[cleaned_preferences],
+                               resources=resources, instance=instance, tags=range_tags(keys))
+        assert every.success
+    assert pl.read_parquet(_hash_index_path(storage))["content_hash"].str.len_bytes().unique().to_list() == [32]

@@ -1,0 +1,74 @@
+"""The numba text kernels against plain Python: scan's flags, and NFC on every code point and on random strings."""
+
+import random
+import unicodedata
+
+import polars as pl
+import pytest
+
+from orpo_pipeline import text_kernels as tk
+
+from .test_cleaning import CODE_POINTS, _suspects
+
+ASSIGNED = [cp for cp in CODE_POINTS if unicodedata.category(chr(cp)) != "Cn"]
+
+
+@pytest.mark.parametrize("text, flags", [
+    ("plain text, nothing to do", 0),
+    ("", 0),
+    ("cafe\u0301", tk.NFC),
+    ("café", 0),  # precomposed: already NFC
+    ("a\r\nb", tk.CR),
+    ("a\u00a0b", tk.ODD_CHAR),
+    ("a\u200bb", tk.ODD_CHAR),
+    ("a \nb", tk.BLANK_NEWLINE),
+    ("a\t\nb", tk.BLANK_NEWLINE),
+    ("a\n\n\nb", tk.THREE_NEWLINES),
+    ("a\n\nb", 0),
+    (" a", tk.END_WHITE),
+    ("a\u3000", tk.END_WHITE | tk.ODD_CHAR),
+    ("a\u2028", tk.END_WHITE),
+    ("x" * 20 + "\u0301 \n\r", tk.NFC | tk.BLANK_NEWLINE | tk.CR | tk.END_WHITE),  # not inline in the view
+    (None, 0),
+])
+def test_scan_flags_each_rule_that_may_apply(text, flags):
+    assert tk.scan(pl.Series([text], dtype=pl.String)).tolist() == [flags]
+
+
+def test_scan_reads_sliced_and_long_columns():
+    texts = ["short", "a" * 40 + "\r", None, "e\u0301" * 30, " x"] * 1000
+    s = pl.Series(texts)
+    expected = tk.scan(pl.Series(texts[:5])).tolist() * 1000
+    assert tk.scan(s).tolist() == expected
+    assert tk.scan(s.slice(3, 10)).tolist() == expected[3:13]
+
+
+def _nfc_of_all(texts: list[str]) -> list[str]:
+    return tk.nfc(pl.Series(texts, dtype=pl.String)).to_list()
+
+
+def test_nfc_equals_python_on_every_code_point_composed_and_decomposed():
+    """Each assigned code point alone, decomposed, and between a starter and marks of other classes."""
+    contexts = ["{}", "a{}\u0316\u0301", "{}\u0301", "\u1100{}", "{}\u0316", "e\u0327{}"]
+    texts = [ctx.format(f(chr(cp))) for cp in ASSIGNED for ctx in contexts
+             for f in (str, lambda c: unicodedata.normalize("NFD", c))]
+    assert _nfc_of_all(texts) == [unicodedata.normalize("NFC", t) for t in texts]
+
+
+def test_nfc_equals_python_on_random_runs_of_marks():
+    suspects = _suspects()
+    rng = random.Random(1)
+    marks = [cp for cp in ASSIGNED if cp in suspects]
+    plain = [cp for cp in ASSIGNED if cp not in suspects]
+    texts = []
+    for _ in range(20_000):
+        parts = [chr(rng.choice(marks if rng.random() < 0.5 else plain)) for _ in range(rng.randint(1, 12))]
+        text = "".join(parts)
+        texts.append(unicodedata.normalize("NFD", text) if rng.random() < 0.5 else text)
+    assert _nfc_of_all(texts) == [unicodedata.normalize("NFC", t) for t in texts]
+
+
+def test_nfc_leaves_code_points_newer_than_python_to_polars():
+    """U+1E4EC is unassigned in Python's Unicode; polars composes what its newer tables know."""
+    s = pl.Series(["a\U0001e4ec\u0301e\u0301", "e\u0301", "\u0915\u093c"])
+    assert tk.nfc(s).equals(s.str.normalize("NFC"))
