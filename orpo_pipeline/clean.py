@@ -8,19 +8,20 @@ normalization, across every source seen).
 Nothing is lost: rows in = kept + rejected, and each reject keeps its source.
 
 Train/eval split is a hash of the normalized prompt, so a prompt never lands in
-both and adding data never moves an old row to the other side.
+both and adding data never moves an old row to the other side. Hashes are
+xxh3-128 in hex (`_hashes`), which users can recompute with the xxhash package.
 
 Text normalization (`normalize_text`) is NFC, unix newlines, no zero-width or odd
 spaces, no trailing blanks, no runs of blank lines, stripped. It is written for
 speed, with the same output as applying those rules to every string
 (tests/test_cleaning.py checks that against plain `unicodedata` + `re`):
 
-- a string no rule can change is returned as is, and in real data that is most
-  strings; cheap scans decide (`_needs_rules`), and the costly regex runs on
-  non-ASCII strings only;
-- NFC runs only on strings that contain an "NFC suspect" code point
-  (`nfc_suspect_ranges`): a string without one is already NFC; each other rule
-  also runs only on the strings it can change;
+- one pass over the text (`text_kernels.scan`) tells, per string, which rules
+  may change it; a string no rule can change is returned as is (in real data,
+  most strings), and each rule runs only on the strings it can change;
+- NFC is needed only where an "NFC suspect" code point occurs
+  (`nfc_suspect_ranges`): a string without one is already NFC; there,
+  `text_kernels.nfc` recomposes only the runs of suspects;
 - zero-width removal and odd-space replacement are one Aho-Corasick pass;
 - rewritten strings are gathered back into the column, so the others are shared
   with the input, not copied (`normalize_series`);
