@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-SUSPECT, ODD, WHITE, ZERO_WIDTH, ODD_SPACE = 1, 2, 4, 8, 16  # bits of the code point classes
+SUSPECT, ODD, WHITE = 1, 2, 4  # bits of the code point classes
 # bits of `scan`'s result: which rule may change the string
 NFC, CR, ODD_CHAR, BLANK_NEWLINE, THREE_NEWLINES, END_WHITE = 1, 2, 4, 8, 16, 32
 ALL = 63
@@ -35,10 +35,8 @@ def code_point_classes() -> np.ndarray:
     classes = np.zeros(0x110000, dtype=np.uint8)
     for a, b in clean.nfc_suspect_ranges():
         classes[a : b + 1] |= SUSPECT
-    for ch in clean.ZERO_WIDTH:
-        classes[ord(ch)] |= ODD | ZERO_WIDTH
-    for ch in clean.ODD_SPACES:
-        classes[ord(ch)] |= ODD | ODD_SPACE
+    for ch in clean.ODD_CHARACTERS:
+        classes[ord(ch)] |= ODD
     for ch in clean.WHITE_SPACE:
         classes[ord(ch)] |= WHITE
     return classes
