@@ -77,13 +77,24 @@ def _u32(views, v):
 
 @numba.njit(inline="always")
 def _locate(views, i):
-    """(data buffer, start, length) of string i; buffer -1: the string (up to 12 bytes) sits in the view itself.
-    Callers fetch a data buffer only when it changes: a typed-list lookup per string cost more than its scan."""
+    """(data buffer, start, length) of string i; buffer -1: the string (up to 12 bytes) sits in the view itself."""
     v = i * 16
     n = _u32(views, v)
     if n <= 12:
         return -1, v + 4, n
     return _u32(views, v + 8), _u32(views, v + 12), n
+
+
+@numba.njit(inline="always")
+def _string(views, data, i, buf, current):
+    """(buffer, its index, start, length) of string i, given the buffer of the string before: a data buffer is
+    fetched from the typed list only when it changes (a lookup per string cost more than its scan)."""
+    b, start, n = _locate(views, i)
+    if b < 0:
+        return views, -1, start, n
+    if b != current:
+        return data[b], b, start, n
+    return buf, current, start, n
 
 
 @numba.njit(inline="always")
@@ -111,13 +122,7 @@ def _is_white(cp, classes):
 def _scan(views, data, classes, out):
     current, buf = -1, views
     for i in range(out.shape[0]):
-        b, start, n = _locate(views, i)
-        if b < 0:
-            buf = views
-            current = -1
-        elif b != current:
-            buf = data[b]
-            current = b
+        buf, current, start, n = _string(views, data, i, buf, current)
         if n == 0:
             out[i] = 0
             continue
@@ -264,13 +269,7 @@ def _nfc(views, data, classes, ccc, unassigned, dstart, dlen, dflat, keys, value
     current, buf = -1, views
     for i in range(offsets.shape[0] - 1):
         offsets[i] = pos
-        b, start, n = _locate(views, i)
-        if b < 0:
-            buf = views
-            current = -1
-        elif b != current:
-            buf = data[b]
-            current = b
+        buf, current, start, n = _string(views, data, i, buf, current)
         end = start + n
         string_start = pos
         # Only a run of NFC suspects and the character before it can change; everything else is copied
