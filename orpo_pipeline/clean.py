@@ -18,11 +18,12 @@ speed, with the same output as applying those rules to every string
 
 - one pass over the text (`text_kernels.scan`) tells, per string, which rules
   may change it; a string no rule can change is returned as is (in real data,
-  most strings), and each rule runs only on the strings it can change;
+  most strings);
 - NFC is needed only where an "NFC suspect" code point occurs
   (`nfc_suspect_ranges`): a string without one is already NFC; there,
   `text_kernels.nfc` recomposes only the runs of suspects;
-- zero-width removal and odd-space replacement are one Aho-Corasick pass;
+- the other rules are one pass over each string that needs some
+  (`text_kernels.rules`);
 - rewritten strings are gathered back into the column, so the others are shared
   with the input, not copied (`normalize_series`);
 - prompt message contents are normalized as one flat column and put back into
@@ -38,7 +39,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import polars_hash as plh
 
@@ -212,25 +212,6 @@ WHITE_SPACE = ["\t", "\n", "\x0b", "\x0c", "\r", " ", "\x85", "\xa0", "\u1680", 
 ODD_CHARACTERS = [*ZERO_WIDTH, *ODD_SPACES]
 
 
-def _rules_where_flagged(s: pl.Series, flags) -> pl.Series:
-    """`_rules` on strings whose `text_kernels.scan` flags are known: each rule runs only on the strings it can
-    change, in order. A rule's mask also holds the strings an earlier rule may have given it work (a CR or an
-    odd space before a newline leaves blanks before it; removing those may leave three newlines)."""
-    from . import text_kernels as tk
-
-    def flagged(bits: int) -> pl.Series:
-        return pl.Series((flags & bits) != 0)
-
-    s = _rewrite(s, flagged(tk.NFC), tk.nfc)
-    s = _rewrite(s, flagged(tk.CR), lambda x: x.str.replace_all(r"\r\n?", "\n"))
-    s = _rewrite(s, flagged(tk.ODD_CHAR), lambda x: x.str.replace_many(
-        ODD_CHARACTERS, [""] * len(ZERO_WIDTH) + [" "] * len(ODD_SPACES)))
-    s = _rewrite(s, flagged(tk.BLANK_NEWLINE | tk.CR | tk.ODD_CHAR), lambda x: x.str.replace_all(r"[ \t]+\n", "\n"))
-    s = _rewrite(s, flagged(tk.THREE_NEWLINES | tk.BLANK_NEWLINE | tk.CR | tk.ODD_CHAR),
-                 lambda x: x.str.replace_all(r"\n{3,}", "\n\n"))
-    return s.str.strip_chars()
-
-
 def normalize_series(s: pl.Series) -> pl.Series:
     """`normalize_text` for a String Series: one scan finds the strings some rule changes, and only those are
     rewritten; the others are shared with `s`, not copied."""
@@ -240,7 +221,11 @@ def normalize_series(s: pl.Series) -> pl.Series:
     needs = flags != 0
     if not needs.any():
         return s
-    return _rewrite(s, pl.Series(needs), lambda x: _rules_where_flagged(x, flags[needs]))
+
+    def rules(x: pl.Series) -> pl.Series:
+        return tk.rules(_rewrite(x, pl.Series((flags[needs] & tk.NFC) != 0), tk.nfc))
+
+    return _rewrite(s, pl.Series(needs), rules)
 
 
 def normalize_messages(prompt: pl.Series) -> pl.Series:
@@ -307,38 +292,43 @@ SLICE_ROWS = 1 << 16
 MIN_SLICE_ROWS = 1 << 12
 
 
-# two hex digits per byte value, as one little-endian uint16: a byte array gathers into hex text in one step
-_HEX_PAIRS = np.array([ord(f"{b:02x}"[0]) | ord(f"{b:02x}"[1]) << 8 for b in range(256)], dtype=np.uint16)
 HASH_HEX_CHARS = 32
 
 
-def _hex128(h: pl.Series) -> pl.Series:
-    """UInt128 hashes as 32 lowercase hex digits (xxhash's xxh3_128_hexdigest), nulls kept."""
-    import pyarrow as pa
+def _words(h: pl.Series) -> pl.DataFrame:
+    """UInt128 values as their high and low 64-bit words (UInt64; null where h is)."""
+    return h.to_frame("h").select(hi=(pl.col("h") // pl.lit(2**64, pl.UInt128)).cast(pl.UInt64),
+                                  lo=(pl.col("h") % pl.lit(2**64, pl.UInt128)).cast(pl.UInt64))
 
-    words = h.to_frame("h").select(hi=(pl.col("h") // pl.lit(2**64, pl.UInt128)).cast(pl.UInt64),
-                                   lo=(pl.col("h") % pl.lit(2**64, pl.UInt128)).cast(pl.UInt64))
-    big_endian = np.empty((len(h), 2), dtype=">u8")
-    big_endian[:, 0] = words["hi"].fill_null(0).to_numpy()
-    big_endian[:, 1] = words["lo"].fill_null(0).to_numpy()
-    text = _HEX_PAIRS[big_endian.view(np.uint8)]  # (rows, 16) uint16 -> 32 ASCII bytes a row
-    offsets = np.arange(0, HASH_HEX_CHARS * (len(h) + 1), HASH_HEX_CHARS, dtype=np.int32)
-    valid = pa.array(h.is_not_null().to_numpy()).buffers()[1] if h.null_count() else None
-    arr = pa.StringArray.from_buffers(len(h), pa.py_buffer(offsets), pa.py_buffer(text), valid, h.null_count())
-    return pl.Series(h.name, arr, dtype=pl.String)
+
+def _hex128(words: pl.DataFrame, name: str) -> pl.Series:
+    """128-bit hashes given by `_words` as 32 lowercase hex digits (xxhash's xxh3_128_hexdigest), nulls kept."""
+    from . import text_kernels as tk
+
+    return tk.hex_digests(words["hi"].fill_null(0).to_numpy(), words["lo"].fill_null(0).to_numpy(),
+                          words["hi"].is_not_null().to_numpy(), name)
 
 
 def _hashes(df: pl.DataFrame) -> pl.DataFrame:
     """prompt_hash = xxh3-128(prompt key), content_hash = xxh3-128(prompt key, chosen, rejected), as hex.
 
     xxh3-128, not SHA-256: it runs ~10x as fast here, and deduplication needs a fingerprint that distinct pairs
-    do not share by chance (128 bits: about 1e-20 for a billion pairs), not one that resists forgery."""
-    keyed = df.select(_prompt_key(pl.col("prompt")).alias("prompt_key"), "chosen", "rejected")
-    hashed = keyed.select(
-        plh.col("prompt_key").nchash.xxh3_128().alias("prompt_hash"),
-        plh.concat_str(["prompt_key", "chosen", "rejected"], separator="\x1d").nchash.xxh3_128().alias("content_hash"),
-    )
-    return pl.DataFrame([_hex128(hashed["prompt_hash"]), _hex128(hashed["content_hash"])])
+    do not share by chance (128 bits: about 1e-20 for a billion pairs), not one that resists forgery. The hashed
+    strings are built in one pass (`text_kernels.pair_texts`); `_prompt_key` and `concat_str` build the same
+    strings in polars, for slices too large for that (and for tests/test_cleaning.py to compare)."""
+    from . import text_kernels as tk
+
+    texts = tk.pair_texts(df["prompt"], df["chosen"], df["rejected"])
+    if texts is None:
+        keyed = df.select(_prompt_key(pl.col("prompt")).alias("prompt_key"), "chosen", "rejected")
+        texts = (keyed["prompt_key"],
+                 keyed.select(plh.concat_str(["prompt_key", "chosen", "rejected"], separator="\x1d")).to_series())
+    hashed = pl.DataFrame([t.alias(name) for t, name in zip(texts, ("prompt_hash", "content_hash"))]).select(
+        plh.col("prompt_hash").nchash.xxh3_128(), plh.col("content_hash").nchash.xxh3_128())
+    content = _words(hashed["content_hash"])
+    # the content hash's words stay for deduplication (`text_kernels.first_occurrences`)
+    return pl.DataFrame([_hex128(_words(hashed["prompt_hash"]), "prompt_hash"), _hex128(content, "content_hash"),
+                         content["hi"].alias("_content_hi"), content["lo"].alias("_content_lo")])
 
 
 def _row_reasons(min_score_margin: float | None) -> pl.Expr:
@@ -401,14 +391,16 @@ def clean_preferences(
     # final filter + select with an assertion in pl.format.)
     df = _with_ingest_columns(raw.lazy()).select(_INPUT_COLUMNS).collect()  # no copy for a DataFrame
     df = _row_local_in_slices(df, min_score_margin)
-    # first occurrence wins, in source order; it names the copy it kept. A window, not a group_by + join (a
-    # join would gather every column of the table once more); like a join, a null hash matches nothing.
+    # first valid occurrence wins, in source order; it names the copy it kept. A null hash matches nothing.
+    from . import text_kernels as tk
+
     valid = pl.col("reason").is_null()
     hashed = pl.col("content_hash").is_not_null()
-    df = df.with_columns(
-        first_file=pl.when(hashed).then(pl.col("source_file").filter(valid).first().over("content_hash")),
-        first_row=pl.when(hashed).then(pl.col("source_row").filter(valid).first().over("content_hash")),
-    )
+    use = df.select(valid & hashed).to_series().to_numpy()
+    first = tk.first_occurrences(df["_content_hi"].fill_null(0).to_numpy(), df["_content_lo"].fill_null(0).to_numpy(),
+                                 use)
+    first = pl.Series("_first", first).to_frame().select(pl.when(pl.col("_first") >= 0).then("_first")).to_series()
+    df = df.with_columns(first_file=pl.col("source_file").gather(first), first_row=pl.col("source_row").gather(first))
     is_copy = valid & ~((pl.col("source_file") == pl.col("first_file")) & (pl.col("source_row") == pl.col("first_row")))
     known = known_hashes.to_frame("content_hash") if isinstance(known_hashes, pl.Series) else known_hashes
     if known is not None:

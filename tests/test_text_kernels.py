@@ -1,6 +1,7 @@
 """The numba text kernels against plain Python: scan's flags, and NFC on every code point and on random strings."""
 
 import random
+import re
 import unicodedata
 
 import polars as pl
@@ -72,3 +73,46 @@ def test_nfc_leaves_code_points_newer_than_python_to_polars():
     """U+1E4EC is unassigned in Python's Unicode; polars composes what its newer tables know."""
     s = pl.Series(["a\U0001e4ec\u0301e\u0301", "e\u0301", "\u0915\u093c"])
     assert tk.nfc(s).equals(s.str.normalize("NFC"))
+
+
+def _rules_by_regex(text: str) -> str:
+    """Every rule but NFC, one after another with Python's re (as tests/test_cleaning.py's reference)."""
+    from .test_cleaning import WHITE_SPACE
+
+    text = re.sub(r"\r\n?", "\n", text)
+    text = re.sub("[\u200b\u200c\u200d\ufeff]", "", text)
+    text = re.sub("[\u00a0\u2000-\u200a\u202f\u205f\u3000]", " ", text)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip(WHITE_SPACE)
+
+
+RULE_PIECES = ["\r", "\n", " ", "\t", "\x0b", "\x0c", "\x85", "\u00a0", "\u2003", "\u200a", "\u3000", "\u202f",
+               "\u200b", "\u200d", "\ufeff", "\u2028", "\u1680", "a", "Z", "é", "\u0301", "\U0001f600", "\r\n",
+               " \n", "\t\n", "\n\n\n", " \u200b\t\n"]
+
+
+def test_rules_equal_the_regexes_one_after_another():
+    rng = random.Random(2)
+    texts = ["".join(rng.choice(RULE_PIECES) for _ in range(rng.randint(0, 16))) for _ in range(50_000)]
+    texts += [p * 3 + "x" + p * 3 for p in RULE_PIECES] + ["x" * 30 + " \r\n\n\n y \u3000"]  # long: not in the view
+    assert tk.rules(pl.Series(texts)).to_list() == [_rules_by_regex(t) for t in texts]
+
+
+def test_rules_on_a_sliced_column_with_many_buffers():
+    texts = [("line \r\n" * 3 + "\u200bword\u00a0" * i + "\n\n\n\n end \t") for i in range(3000)] * 20
+    s = pl.Series(texts).slice(7, 50_000)
+    assert tk.rules(s).to_list() == [_rules_by_regex(t) for t in texts[7:50_007]]
+
+
+def test_first_occurrences_equal_a_dict_of_first_rows():
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    n = 20_000
+    hi = rng.integers(0, 40, n, dtype=np.uint64)  # few values: many repeats
+    lo = rng.integers(0, 2, n, dtype=np.uint64) << np.uint64(40)  # low words alike: every probe collides
+    use = rng.random(n) < 0.9
+    seen: dict[tuple[int, int], int] = {}
+    expected = [seen.setdefault((int(h), int(w)), i) if u else -1 for i, (h, w, u) in enumerate(zip(hi, lo, use))]
+    assert tk.first_occurrences(hi, lo, use).tolist() == expected
