@@ -218,14 +218,10 @@ def normalize_series(s: pl.Series) -> pl.Series:
     from . import text_kernels as tk
 
     flags = tk.scan(s)
-    needs = flags != 0
-    if not needs.any():
+    if not flags.any():
         return s
-
-    def rules(x: pl.Series) -> pl.Series:
-        return tk.rules(_rewrite(x, pl.Series((flags[needs] & tk.NFC) != 0), tk.nfc))
-
-    return _rewrite(s, pl.Series(needs), rules)
+    s = _rewrite(s, pl.Series((flags & tk.NFC) != 0), tk.nfc)
+    return tk.apply_rules(s, flags)
 
 
 def normalize_messages(prompt: pl.Series) -> pl.Series:

@@ -320,6 +320,92 @@ def rules(s: pl.Series) -> pl.Series:
     return _from_buffers(s.name, n, offsets, out[:used])
 
 
+@numba.njit(inline="always")
+def _view_to(views, i, src, start, n, buffer):
+    """Writes view i for src[start:start + n], a string in data buffer `buffer` (unless it fits the view)."""
+    v = i * 16
+    for t in range(4):
+        views[v + t] = (n >> (8 * t)) & 0xFF
+    if n <= 12:
+        for t in range(12):
+            views[v + 4 + t] = src[start + t] if t < n else 0
+        return
+    for t in range(4):
+        views[v + 4 + t] = src[start + t]
+        views[v + 8 + t] = (buffer >> (8 * t)) & 0xFF
+        views[v + 12 + t] = (start >> (8 * t)) & 0xFF
+
+
+@numba.njit(nogil=True, cache=True)
+def _apply_rules(views, data, words, flags, classes, special, out_views, out, new_buffer):
+    pos = 0
+    current, buf, wbuf, inline = -1, views, words[0], words[0][:0]
+    for i in range(flags.shape[0]):
+        f = flags[i]
+        if f == 0:  # unchanged: the same view
+            for t in range(16):
+                out_views[i * 16 + t] = views[i * 16 + t]
+            continue
+        b, start, n = _locate(views, i)
+        if b < 0:
+            sbuf, swords = views, inline
+        else:
+            if b != current:
+                buf, wbuf, current = data[b], words[b], b
+            sbuf, swords = buf, wbuf
+        if f == END_WHITE:  # only stripping to do: a view of part of the string, nothing copied
+            end = start + n
+            while start < end:
+                cp, k = _decode(sbuf, start)
+                if not classes[cp] & WHITE:
+                    break
+                start += k
+            while end > start:
+                t = end - 1
+                while (sbuf[t] & 0xC0) == 0x80:
+                    t -= 1
+                cp, k = _decode(sbuf, t)
+                if not classes[cp] & WHITE:
+                    break
+                end = t
+            _view_to(out_views, i, sbuf, start, end - start, b)
+            continue
+        first = pos
+        pos = _rules_string(sbuf, swords, start, n, classes, special, out, pos)
+        _view_to(out_views, i, out, first, pos - first, new_buffer)
+        if pos - first <= 12:  # inside its view: no need to keep it in `out`
+            pos = first
+    return pos
+
+
+def apply_rules(s: pl.Series, flags: np.ndarray) -> pl.Series:
+    """Every rule but NFC on the strings of `s` whose `scan` flags are not 0 (those flagged NFC must be NFC
+    already); the rest keep their views. A string that only needs stripping becomes a view of part of itself;
+    the others are rewritten by `rules` into one new buffer. Nothing else is copied: the result shares `s`'s
+    buffers."""
+    arr = _string_view(s)
+    size = int(s.filter(pl.Series(flags != 0)).str.len_bytes().sum() or 0)
+    n = len(arr)
+    if n == 0 or size >= 2**31:  # Arrow views hold 32-bit offsets
+        return _rewrite_where(s, flags != 0, rules)
+    views, data = _view_buffers(arr)
+    buffers = [b if b is not None else pa.py_buffer(b"") for b in arr.buffers()[2:]]  # as `data` indexes them
+    out_views = np.empty(16 * n, dtype=np.uint8)
+    out = np.empty(max(size, 1), dtype=np.uint8)
+    used = _apply_rules(views, data, _word_buffers(data), flags, code_point_classes(), _SPECIAL_BYTES, out_views,
+                        out, len(buffers))
+    bitmap, nulls = _validity(_valid(arr))
+    result = pa.Array.from_buffers(pa.string_view(), n, [bitmap, pa.py_buffer(out_views), *buffers,
+                                                         pa.py_buffer(out[:used])], nulls)
+    return pl.Series(s.name, result)
+
+
+def _rewrite_where(s: pl.Series, where: np.ndarray, fn) -> pl.Series:
+    from .clean import _rewrite
+
+    return _rewrite(s, pl.Series(where), fn)
+
+
 def _from_buffers(name: str, n: int, offsets: np.ndarray, data: np.ndarray) -> pl.Series:
     return pl.Series(name, pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data)),
                      dtype=pl.String)

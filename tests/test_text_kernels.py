@@ -116,3 +116,15 @@ def test_first_occurrences_equal_a_dict_of_first_rows():
     seen: dict[tuple[int, int], int] = {}
     expected = [seen.setdefault((int(h), int(w)), i) if u else -1 for i, (h, w, u) in enumerate(zip(hi, lo, use))]
     assert tk.first_occurrences(hi, lo, use).tolist() == expected
+
+
+def test_apply_rules_rewrites_flagged_strings_and_keeps_the_others():
+    """Strings only stripping changes (views of themselves), strings other rules change (a new buffer),
+    strings no rule changes and nulls, short (inside the view) and long, in a sliced column."""
+    texts = ["  keep me as I am, a long plain string ", "plain and long enough to leave the view", None, "short",
+             " \t strip only, and long enough \n", " x ", "crlf\r\nand odd\u00a0space, long ", "\u200b\r\n",
+             "e\u0301 nfc'd first, then stripped  "] * 500
+    s = pl.Series(texts).slice(3, 4000)
+    s = s.str.normalize("NFC")  # apply_rules expects NFC strings
+    expected = [None if t is None else _rules_by_regex(t) for t in s.to_list()]
+    assert tk.apply_rules(s, tk.scan(s)).to_list() == expected
