@@ -341,7 +341,7 @@ def _apply_rules(views, data, words, flags, classes, special, out_views, out, ne
     pos = 0
     current, buf, wbuf, inline = -1, views, words[0], words[0][:0]
     for i in range(flags.shape[0]):
-        f = flags[i]
+        f = flags[i] & (ALL ^ NFC)  # a string flagged NFC is NFC already, and NFC gives no other rule work
         if f == 0:  # unchanged: the same view
             for t in range(16):
                 out_views[i * 16 + t] = views[i * 16 + t]
@@ -380,14 +380,15 @@ def _apply_rules(views, data, words, flags, classes, special, out_views, out, ne
 
 def apply_rules(s: pl.Series, flags: np.ndarray) -> pl.Series:
     """Every rule but NFC on the strings of `s` whose `scan` flags are not 0 (those flagged NFC must be NFC
-    already); the rest keep their views. A string that only needs stripping becomes a view of part of itself;
+    already: NFC itself never makes work for another rule, as the only characters it turns into a White_Space
+    character, U+2000 and U+2001, are odd spaces already); the rest keep their views. A string that only needs stripping becomes a view of part of itself;
     the others are rewritten by `rules` into one new buffer. Nothing else is copied: the result shares `s`'s
     buffers."""
     arr = _string_view(s)
-    size = int(s.filter(pl.Series(flags != 0)).str.len_bytes().sum() or 0)
+    size = int(s.filter(pl.Series((flags & (ALL ^ NFC)) != 0)).str.len_bytes().sum() or 0)
     n = len(arr)
     if n == 0 or size >= 2**31:  # Arrow views hold 32-bit offsets
-        return _rewrite_where(s, flags != 0, rules)
+        return _rewrite_where(s, (flags & (ALL ^ NFC)) != 0, rules)
     views, data = _view_buffers(arr)
     buffers = [b if b is not None else pa.py_buffer(b"") for b in arr.buffers()[2:]]  # as `data` indexes them
     out_views = np.empty(16 * n, dtype=np.uint8)
