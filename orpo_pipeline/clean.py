@@ -23,9 +23,9 @@ speed, with the same output as applying those rules to every string
   (`nfc_suspect_ranges`): a string without one is already NFC; there,
   `text_kernels.nfc` recomposes only the runs of suspects;
 - the other rules are one pass over each string that needs some
-  (`text_kernels.rules`);
-- rewritten strings are gathered back into the column, so the others are shared
-  with the input, not copied (`normalize_series`);
+  (`text_kernels.apply_rules`); the result is string views, so strings no rule
+  changes are shared with the input, not copied, and a string that only needs
+  stripping is a view of part of itself (`normalize_series`);
 - prompt message contents are normalized as one flat column and put back into
   their lists with the original offsets (`normalize_messages`), because inside
   `list.eval` the guards above would evaluate every branch on every element;

@@ -1,15 +1,18 @@
-"""Text kernels (numba) over polars' string columns, for clean.py's normalization.
+"""Kernels (numba) over polars' string columns, for clean.py's normalization, hashing and deduplication.
 
-Deciding which strings a cleaning rule can change took polars five passes over the text (bytes vs chars, a large
-regex class, two Aho-Corasick scans, first/last character); `scan` does it in one, and says which rules apply to
-each string, so clean.py runs each rule on its own strings only. `nfc` composes the strings that need it about 4x
-as fast as polars' NFC, which decomposes and recomposes every character: here only a run of NFC suspects and the
-character before it are touched, the rest is copied (code points outside the suspect class are starters that
-nothing composes with, so NFC never acts across one).
+- `scan`: one pass tells, per string, which normalization rules may change it (polars took five passes).
+- `nfc`: composes the strings that need it about 4x as fast as polars' NFC, which decomposes and recomposes every
+  character: here only a run of NFC suspects and the character before it are touched, the rest is copied (code
+  points outside the suspect class are starters that nothing composes with, so NFC never acts across one).
+- `apply_rules` / `rules`: every other rule in one pass over each string that needs it, instead of a chain of
+  regexes; a string that only needs stripping becomes a view of part of itself, the others share one new buffer.
+- `pair_texts`: the prompt key and the pair that clean.py hashes, built in one pass over one buffer.
+- `hex_digests`, `first_occurrences`: hex text of 128-bit hashes, and the first row of each hash (a hash table).
 
-The kernels read the Arrow string-view buffers polars hands out without a copy, release the GIL (clean.py runs
-slices on a thread pool) and are compiled once per install (numba's cache). Tests compare them with plain Python
-(unicodedata, re) on every code point and on random strings (tests/test_text_kernels.py, tests/test_cleaning.py).
+The kernels read the Arrow string-view buffers polars hands out without a copy, and make string views over new
+buffers; they test 8 bytes at a time where text is plain ASCII, release the GIL (clean.py runs slices on a thread
+pool) and are compiled once per install (numba's cache). Tests compare them with plain Python (unicodedata, re,
+dict) on every code point and on random strings (tests/test_text_kernels.py, tests/test_cleaning.py).
 """
 
 from __future__ import annotations
