@@ -409,15 +409,32 @@ def clean_preferences(
     if known is not None:  # the kept copy is the earlier one, not the first in this table (maybe the row itself)
         df = df.with_columns(pl.when(pl.col("_known")).then(None).otherwise(pl.col(c)).alias(c)
                              for c in ("first_file", "first_row"))
-    # Each table is cut out with only its columns (string data is shared, not copied), then gets the column
-    # only it needs: the split for kept rows, the detail for rejected ones.
     keep = df["reason"].is_null()
+    if df.height < 4 * MIN_SLICE_ROWS:
+        return CleanResult(kept=_kept_table(df, keep, eval_fraction), rejects=_rejects_table(df, keep, known))
+    # the two tables are independent, and polars releases the GIL: cut them on two threads
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        kept = pool.submit(_kept_table, df, keep, eval_fraction)
+        rejects = pool.submit(_rejects_table, df, keep, known)
+        return CleanResult(kept=kept.result(), rejects=rejects.result())
+
+
+# Each table is cut out with only its columns (string data is shared, not copied), then gets the column only it
+# needs: the split for kept rows, the detail for rejected ones.
+
+
+def _kept_table(df: pl.DataFrame, keep: pl.Series, eval_fraction: float) -> pl.DataFrame:
     bucket = pl.col("prompt_hash").str.slice(0, 8).str.to_integer(base=16) % 10_000
     split = pl.when(bucket < int(round(eval_fraction * 10_000))).then(pl.lit("eval")).otherwise(pl.lit("train"))
-    kept = (
+    return (
         df.select(KEPT_COLUMNS[:7] + KEPT_COLUMNS[8:]).filter(keep)
         .select(*KEPT_COLUMNS[:7], split.alias("split"), *KEPT_COLUMNS[8:])
     )
+
+
+def _rejects_table(df: pl.DataFrame, keep: pl.Series, known: pl.DataFrame | None) -> pl.DataFrame:
     first_source = pl.format("{}:{}", pl.col("first_file"), pl.col("first_row"))
     detail = (
         pl.when(pl.col("error").is_not_null())
@@ -440,8 +457,7 @@ def clean_preferences(
             first_file=pl.when("_known").then("_kf").otherwise("first_file"),
             first_row=pl.when("_known").then("_kr").otherwise("first_row"),
         )
-    rejects = rejects.select(pl.col(REJECT_COLUMNS[:3]), detail.alias("detail"), pl.col(REJECT_COLUMNS[4:]))
-    return CleanResult(kept=kept, rejects=rejects)
+    return rejects.select(pl.col(REJECT_COLUMNS[:3]), detail.alias("detail"), pl.col(REJECT_COLUMNS[4:]))
 
 
 def rows_accounting(raw: pl.DataFrame | pl.LazyFrame, result: CleanResult) -> pl.DataFrame:
