@@ -357,3 +357,24 @@ def test_cleaning_in_batches_from_parquet_equals_cleaning_the_whole_table(tmp_pa
     details = again.filter(pl.col("reason") == "duplicate_pair")["detail"]
     assert len(details) and details.str.contains(r"^duplicate of \w+\.\w+:\d+$").all()
     assert not details.str.starts_with("duplicate of again.jsonl").any()  # the kept copy is in the earlier file
+
+
+def test_a_failed_batch_write_stops_cleaning_with_its_error(tmp_path, monkeypatch):
+    """Batches are written on a second thread: a write that fails (disk full, ...) must still fail the run."""
+    from orpo_pipeline import storage
+    from orpo_pipeline.config import SAMPLE_DATA_DIR
+
+    read_preference_dir(SAMPLE_DATA_DIR).write_parquet(tmp_path / "raw.parquet")
+    calls = {"n": 0}
+    real_write = storage.ParquetAppender.write
+
+    def write(self, df):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second batch's train table
+            raise OSError("No space left on device")
+        real_write(self, df)
+
+    monkeypatch.setattr(storage.ParquetAppender, "write", write)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        clean.clean_parquet_file(tmp_path / "raw.parquet", tmp_path / "out", batch_rows=50)
