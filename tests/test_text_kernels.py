@@ -1,7 +1,6 @@
 """The numba text kernels against plain Python: scan's flags, and NFC on every code point and on random strings."""
 
 import random
-import re
 import unicodedata
 
 import polars as pl
@@ -9,7 +8,7 @@ import pytest
 
 from orpo_pipeline import text_kernels as tk
 
-from .test_cleaning import CODE_POINTS, _suspects
+from .test_cleaning import CODE_POINTS, _suspects, reference_normalize
 
 ASSIGNED = [cp for cp in CODE_POINTS if unicodedata.category(chr(cp)) != "Cn"]
 
@@ -76,15 +75,8 @@ def test_nfc_leaves_code_points_newer_than_python_to_polars():
 
 
 def _rules_by_regex(text: str) -> str:
-    """Every rule but NFC, one after another with Python's re (as tests/test_cleaning.py's reference)."""
-    from .test_cleaning import WHITE_SPACE
-
-    text = re.sub(r"\r\n?", "\n", text)
-    text = re.sub("[\u200b\u200c\u200d\ufeff]", "", text)
-    text = re.sub("[\u00a0\u2000-\u200a\u202f\u205f\u3000]", " ", text)
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    return text.strip(WHITE_SPACE)
+    """Every rule but NFC, one after another with Python's re."""
+    return reference_normalize(text, nfc=False)
 
 
 RULE_PIECES = ["\r", "\n", " ", "\t", "\x0b", "\x0c", "\x85", "\u00a0", "\u2003", "\u200a", "\u3000", "\u202f",
