@@ -63,6 +63,8 @@ def _view_buffers(arr: pa.Array) -> tuple[np.ndarray, numba.typed.List]:
 
 
 _EMPTY = np.frombuffer(b"\0", dtype=np.uint8)[:0]
+# a string view holds a 32-bit offset into its buffer: new buffers of 2 GiB or more take the polars way
+MAX_VIEW_BUFFER = 2**31
 
 
 def _scratch(n: int) -> np.ndarray:
@@ -397,7 +399,7 @@ def apply_rules(s: pl.Series, flags: np.ndarray) -> pl.Series:
     arr = _string_view(s)
     size = int(s.filter(pl.Series((flags & (ALL ^ NFC)) != 0)).str.len_bytes().sum() or 0)
     n = len(arr)
-    if n == 0 or size >= 2**31:  # Arrow views hold 32-bit offsets
+    if n == 0 or size >= MAX_VIEW_BUFFER:
         return _rewrite_where(s, (flags & (ALL ^ NFC)) != 0, rules)
     views, data = _view_buffers(arr)
     buffers = [b if b is not None else pa.py_buffer(b"") for b in arr.buffers()[2:]]  # as `data` indexes them
@@ -735,7 +737,7 @@ def pair_texts(prompt: pl.Series, chosen: pl.Series, rejected: pl.Series) -> tup
     role, content = messages.struct.field("role"), messages.struct.field("content")
     size = 2 * (len(messages) + len(chosen)) + sum(
         int(x.str.len_bytes().sum() or 0) for x in (role, content, chosen, rejected))
-    if size >= 2**31:
+    if size >= MAX_VIEW_BUFFER:
         return None
     role_arr, content_arr, chosen_arr, rejected_arr = map(_string_view, (role, content, chosen, rejected))
     message_valid = _valid(role_arr) & _valid(content_arr)  # a null message has null fields here

@@ -379,3 +379,17 @@ def test_a_failed_batch_write_stops_cleaning_with_its_error(tmp_path, monkeypatc
     (tmp_path / "out").mkdir()
     with pytest.raises(OSError, match="No space left"):
         clean.clean_parquet_file(tmp_path / "raw.parquet", tmp_path / "out", batch_rows=50)
+
+
+def test_slices_too_large_for_string_views_take_the_polars_way(monkeypatch):
+    """New buffers of 2 GiB or more cannot hold string views (32-bit offsets): the rules and the hash inputs then
+    run as polars expressions, with the same tables."""
+    from orpo_pipeline import text_kernels
+    from orpo_pipeline.config import SAMPLE_DATA_DIR
+
+    sample = pl.concat([read_preference_dir(SAMPLE_DATA_DIR), pl.DataFrame(_edge_rows(), schema=RAW_SCHEMA,
+                                                                          orient="row")], how="diagonal_relaxed")
+    fast = clean_preferences(sample, min_score_margin=0.5)
+    monkeypatch.setattr(text_kernels, "MAX_VIEW_BUFFER", 1)
+    assert text_kernels.pair_texts(sample["prompt"], sample["chosen"], sample["rejected"]) is None
+    assert_same_tables(clean_preferences(sample, min_score_margin=0.5), fast)
