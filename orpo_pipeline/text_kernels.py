@@ -391,16 +391,19 @@ def _apply_rules(views, data, words, flags, classes, special, out_views, out, ne
 
 
 def apply_rules(s: pl.Series, flags: np.ndarray) -> pl.Series:
-    """Every rule but NFC on the strings of `s` whose `scan` flags are not 0 (those flagged NFC must be NFC
-    already: NFC itself never makes work for another rule, as the only characters it turns into a White_Space
-    character, U+2000 and U+2001, are odd spaces already); the rest keep their views. A string that only needs stripping becomes a view of part of itself;
-    the others are rewritten by `rules` into one new buffer. Nothing else is copied: the result shares `s`'s
-    buffers."""
-    arr = _string_view(s)
-    size = int(s.filter(pl.Series((flags & (ALL ^ NFC)) != 0)).str.len_bytes().sum() or 0)
-    n = len(arr)
+    """Every rule but NFC on the strings of `s` whose `scan` flags are not 0; the rest keep their views. Strings
+    flagged NFC must be NFC already (NFC never makes work for another rule: the only characters it turns into
+    White_Space, U+2000 and U+2001, are odd spaces already). A string that only needs stripping becomes a view of
+    part of itself; the others are rewritten by `rules` into one new buffer. Nothing else is copied: the result
+    shares `s`'s buffers."""
+    rewrite = (flags & (ALL ^ NFC)) != 0
+    size = int(s.str.len_bytes().fill_null(0).to_numpy()[rewrite].sum())
+    n = len(s)
     if n == 0 or size >= MAX_VIEW_BUFFER:
-        return _rewrite_where(s, (flags & (ALL ^ NFC)) != 0, rules)
+        from .clean import _rewrite
+
+        return _rewrite(s, pl.Series(rewrite), rules)
+    arr = _string_view(s)
     views, data = _view_buffers(arr)
     buffers = [b if b is not None else pa.py_buffer(b"") for b in arr.buffers()[2:]]  # as `data` indexes them
     out_views = np.empty(16 * n, dtype=np.uint8)
@@ -411,12 +414,6 @@ def apply_rules(s: pl.Series, flags: np.ndarray) -> pl.Series:
     result = pa.Array.from_buffers(pa.string_view(), n, [bitmap, pa.py_buffer(out_views), *buffers,
                                                          pa.py_buffer(out[:used])], nulls)
     return pl.Series(s.name, result)
-
-
-def _rewrite_where(s: pl.Series, where: np.ndarray, fn) -> pl.Series:
-    from .clean import _rewrite
-
-    return _rewrite(s, pl.Series(where), fn)
 
 
 def _from_buffers(name: str, n: int, offsets: np.ndarray, data: np.ndarray) -> pl.Series:
