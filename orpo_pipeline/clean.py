@@ -9,7 +9,7 @@ Nothing is lost: rows in = kept + rejected, and each reject keeps its source.
 
 Train/eval split is a hash of the normalized prompt, so a prompt never lands in
 both and adding data never moves an old row to the other side. Hashes are
-xxh3-128 in hex (`_hashes`), which users can recompute with the xxhash package.
+xxh3-128 in hex (`_hash_words`, `_kept_table`), which users can recompute with the xxhash package.
 
 Text normalization (`normalize_text`) is NFC, unix newlines, no zero-width or odd
 spaces, no trailing blanks, no runs of blank lines, stripped. It is written for
@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import polars_hash as plh
 
@@ -291,27 +292,29 @@ MIN_SLICE_ROWS = 1 << 12
 HASH_HEX_CHARS = 32
 
 
-def _words(h: pl.Series) -> pl.DataFrame:
-    """UInt128 values as their high and low 64-bit words (UInt64; null where h is)."""
-    return h.to_frame("h").select(hi=(pl.col("h") // pl.lit(2**64, pl.UInt128)).cast(pl.UInt64),
-                                  lo=(pl.col("h") % pl.lit(2**64, pl.UInt128)).cast(pl.UInt64))
+def _words(h: pl.Series, name: str) -> pl.DataFrame:
+    """UInt128 values as their high and low 64-bit words (UInt64 columns `{name}_hi`, `{name}_lo`; null where h is)."""
+    return h.to_frame("h").select((pl.col("h") // pl.lit(2**64, pl.UInt128)).cast(pl.UInt64).alias(f"{name}_hi"),
+                                  (pl.col("h") % pl.lit(2**64, pl.UInt128)).cast(pl.UInt64).alias(f"{name}_lo"))
 
 
-def _hex128(words: pl.DataFrame, name: str) -> pl.Series:
-    """128-bit hashes given by `_words` as 32 lowercase hex digits (xxhash's xxh3_128_hexdigest), nulls kept."""
+def _hex128(df: pl.DataFrame, words: str, name: str) -> pl.Series:
+    """The 128-bit hashes in `df`'s `{words}_hi` / `{words}_lo` columns as 32 lowercase hex digits (xxhash's
+    xxh3_128_hexdigest), nulls kept."""
     from . import text_kernels as tk
 
-    return tk.hex_digests(words["hi"].fill_null(0).to_numpy(), words["lo"].fill_null(0).to_numpy(),
-                          words["hi"].is_not_null().to_numpy(), name)
+    hi, lo = df[f"{words}_hi"], df[f"{words}_lo"]
+    return tk.hex_digests(hi.fill_null(0).to_numpy(), lo.fill_null(0).to_numpy(), hi.is_not_null().to_numpy(), name)
 
 
-def _hashes(df: pl.DataFrame) -> pl.DataFrame:
-    """prompt_hash = xxh3-128(prompt key), content_hash = xxh3-128(prompt key, chosen, rejected), as hex.
+def _hash_words(df: pl.DataFrame) -> pl.DataFrame:
+    """xxh3-128 of the prompt key (`_prompt_hi/_lo`) and of prompt key, chosen and rejected (`_content_hi/_lo`).
 
     xxh3-128, not SHA-256: it runs ~10x as fast here, and deduplication needs a fingerprint that distinct pairs
-    do not share by chance (128 bits: about 1e-20 for a billion pairs), not one that resists forgery. The hashed
-    strings are built in one pass (`text_kernels.pair_texts`); `_prompt_key` and `concat_str` build the same
-    strings in polars, for slices too large for that (and for tests/test_cleaning.py to compare)."""
+    do not share by chance (128 bits: about 1e-20 for a billion pairs), not one that resists forgery. The hashes
+    stay 64-bit words until the kept table is cut: only kept rows get hex digests (`prompt_hash`, `content_hash`).
+    The hashed strings are built in one pass (`text_kernels.pair_texts`); `_prompt_key` and `concat_str` build
+    the same strings in polars, for slices too large for that (and for tests/test_cleaning.py to compare)."""
     from . import text_kernels as tk
 
     texts = tk.pair_texts(df["prompt"], df["chosen"], df["rejected"])
@@ -319,12 +322,9 @@ def _hashes(df: pl.DataFrame) -> pl.DataFrame:
         keyed = df.select(_prompt_key(pl.col("prompt")).alias("prompt_key"), "chosen", "rejected")
         texts = (keyed["prompt_key"],
                  keyed.select(plh.concat_str(["prompt_key", "chosen", "rejected"], separator="\x1d")).to_series())
-    hashed = pl.DataFrame([t.alias(name) for t, name in zip(texts, ("prompt_hash", "content_hash"))]).select(
-        plh.col("prompt_hash").nchash.xxh3_128(), plh.col("content_hash").nchash.xxh3_128())
-    content = _words(hashed["content_hash"])
-    # the content hash's words stay for deduplication (`text_kernels.first_occurrences`)
-    return pl.DataFrame([_hex128(_words(hashed["prompt_hash"]), "prompt_hash"), _hex128(content, "content_hash"),
-                         content["hi"].alias("_content_hi"), content["lo"].alias("_content_lo")])
+    hashed = pl.DataFrame([t.alias(name) for t, name in zip(texts, ("prompt", "content"))]).select(
+        plh.col("prompt").nchash.xxh3_128(), plh.col("content").nchash.xxh3_128())
+    return pl.concat([_words(hashed["prompt"], "_prompt"), _words(hashed["content"], "_content")], how="horizontal")
 
 
 def _row_reasons(min_score_margin: float | None) -> pl.Expr:
@@ -349,25 +349,32 @@ def _row_reasons(min_score_margin: float | None) -> pl.Expr:
 
 
 def _row_local(df: pl.DataFrame, min_score_margin: float | None) -> pl.DataFrame:
-    """Text normalized, hashes and the row's own reason added."""
+    """Text normalized, hash words and the row's own reason added."""
     df = df.with_columns(
         normalize_messages(df["prompt"]), normalize_series(df["chosen"]), normalize_series(df["rejected"])
     )
-    return df.hstack(_hashes(df)).with_columns(_row_reasons(min_score_margin))
+    return df.hstack(_hash_words(df)).with_columns(_row_reasons(min_score_margin))
 
 
-def _row_local_in_slices(df: pl.DataFrame, min_score_margin: float | None) -> pl.DataFrame:
+def _in_slices(df: pl.DataFrame) -> list[pl.DataFrame]:
+    """`df` cut in slices for the thread pool: at least one per thread, so a 50k-row batch of clean_in_batches
+    uses every core too."""
+    rows = max(MIN_SLICE_ROWS, min(SLICE_ROWS, -(-df.height // pl.thread_pool_size())))
+    return [df] if df.height <= rows else [df.slice(offset, rows) for offset in range(0, df.height, rows)]
+
+
+def _map(fn: Callable, *args: list) -> list:
+    """fn over the slices on a thread pool (polars and the kernels release the GIL: 1.9x on 2 cores)."""
+    if len(args[0]) == 1:
+        return [fn(*(a[0] for a in args))]
     from concurrent.futures import ThreadPoolExecutor
 
-    threads = pl.thread_pool_size()
-    # at least one slice per thread, so a 50k-row batch of clean_in_batches uses every core too
-    rows = max(MIN_SLICE_ROWS, min(SLICE_ROWS, -(-df.height // threads)))
-    if df.height <= rows:
-        return _row_local(df, min_score_margin)
-    slices = [df.slice(offset, rows) for offset in range(0, df.height, rows)]
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        parts = list(pool.map(lambda part: _row_local(part, min_score_margin), slices))
-    return pl.concat(parts, rechunk=False)
+    with ThreadPoolExecutor(max_workers=pl.thread_pool_size()) as pool:
+        return list(pool.map(fn, *args))
+
+
+def _numpy(parts: list[pl.DataFrame], expr: pl.Expr) -> np.ndarray:
+    return np.concatenate([p.select(expr).to_series().to_numpy() for p in parts])
 
 
 def clean_preferences(
@@ -382,59 +389,65 @@ def clean_preferences(
     With `min_score_margin` set, scored pairs whose scores tie or whose
     score_chosen - score_rejected is below it are rejected; unscored rows are not.
     """
-    # Eager, step by step: each step adds columns to the same frame and nothing is copied that need not be.
-    # (Lazily, polars 2.1's default streaming engine ran the window below 4x slower, and panicked on the
-    # final filter + select with an assertion in pl.format.)
-    df = _with_ingest_columns(raw.lazy()).select(_INPUT_COLUMNS).collect()  # no copy for a DataFrame
-    df = _row_local_in_slices(df, min_score_margin)
-    # first valid occurrence wins, in source order; it names the copy it kept. A null hash matches nothing.
     from . import text_kernels as tk
 
-    valid = pl.col("reason").is_null()
-    hashed = pl.col("content_hash").is_not_null()
-    use = df.select(valid & hashed).to_series().to_numpy()
-    first = tk.first_occurrences(df["_content_hi"].fill_null(0).to_numpy(), df["_content_lo"].fill_null(0).to_numpy(),
-                                 use)
-    first = pl.Series("_first", first).to_frame().select(pl.when(pl.col("_first") >= 0).then("_first")).to_series()
-    df = df.with_columns(first_file=pl.col("source_file").gather(first), first_row=pl.col("source_row").gather(first))
-    is_copy = valid & ~((pl.col("source_file") == pl.col("first_file")) & (pl.col("source_row") == pl.col("first_row")))
+    # Eager, slice by slice: the row-local work and the cutting of both tables run per slice on the thread pool,
+    # and the slices are never concatenated into one frame (selecting from a many-chunk frame rechunks every
+    # column: 0.4 GB at 2M rows); only deduplication looks at the whole table, through numpy arrays of hash words.
+    # (Lazily, polars 2.1's default streaming engine ran the window this replaced 4x slower, and panicked on the
+    # final filter + select with an assertion in pl.format.)
+    df = _with_ingest_columns(raw.lazy()).select(_INPUT_COLUMNS).collect()  # no copy for a DataFrame
+    parts = _map(lambda part: _row_local(part, min_score_margin), _in_slices(df))
+    # first valid occurrence wins, in source order; it names the copy it kept. A null hash matches nothing.
+    valid = _numpy(parts, pl.col("reason").is_null())
+    use = valid & _numpy(parts, pl.col("_content_hi").is_not_null())
+    first = tk.first_occurrences(_numpy(parts, pl.col("_content_hi").fill_null(0)),
+                                 _numpy(parts, pl.col("_content_lo").fill_null(0)), use)
+    is_copy = use & (first != np.arange(len(first)))  # the kept copy is another row
     known = known_hashes.to_frame("content_hash") if isinstance(known_hashes, pl.Series) else known_hashes
+    in_known = None
     if known is not None:
         # only the known pairs this table holds: a lookup set of the table's hashes is probed by the index, so
         # the cost of a long history is one pass over its hashes, not a hash table of them
-        known = known.filter(pl.col("content_hash").is_in(df["content_hash"].drop_nulls().implode()))
-        df = df.with_columns(_known=valid & hashed & pl.col("content_hash").is_in(known["content_hash"].implode()))
-        is_copy = is_copy | pl.col("_known")
-    df = df.with_columns(pl.when(is_copy).then(pl.lit("duplicate_pair")).otherwise(pl.col("reason")).alias("reason"))
-    if known is not None:  # the kept copy is the earlier one, not the first in this table (maybe the row itself)
-        df = df.with_columns(pl.when(pl.col("_known")).then(None).otherwise(pl.col(c)).alias(c)
-                             for c in ("first_file", "first_row"))
-    keep = df["reason"].is_null()
-    if df.height < 4 * MIN_SLICE_ROWS:
-        return CleanResult(kept=_kept_table(df, keep, eval_fraction), rejects=_rejects_table(df, keep, known))
-    # the two tables are independent, and polars releases the GIL: cut them on two threads
-    from concurrent.futures import ThreadPoolExecutor
+        parts = [p.with_columns(_hex128(p, "_content", "content_hash")) for p in parts]
+        hashes = pl.concat([p.select("content_hash") for p in parts])["content_hash"]
+        known = known.filter(pl.col("content_hash").is_in(hashes.drop_nulls().implode()))
+        in_known = use & hashes.is_in(known["content_hash"].implode()).fill_null(False).to_numpy()
+        is_copy |= in_known
+        first[in_known] = -1  # the kept copy is the earlier one, not the first in this table (maybe the row itself)
+    offsets = np.cumsum([0] + [p.height for p in parts])
+    sources = df.select("source_file", "source_row")
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        kept = pool.submit(_kept_table, df, keep, eval_fraction)
-        rejects = pool.submit(_rejects_table, df, keep, known)
-        return CleanResult(kept=kept.result(), rejects=rejects.result())
+    def tables(part: pl.DataFrame, start: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+        rows = slice(start, start + part.height)
+        part = part.with_columns(
+            pl.when(pl.Series(is_copy[rows])).then(pl.lit("duplicate_pair")).otherwise(pl.col("reason"))
+            .alias("reason"),
+            _first=pl.Series(first[rows]).to_frame().select(pl.when(pl.all() >= 0).then(pl.all())).to_series(),
+            **({"_known": pl.Series(in_known[rows])} if in_known is not None else {}))
+        keep = part["reason"].is_null()
+        return _kept_table(part, keep, eval_fraction), _rejects_table(part, keep, known, sources)
+
+    kept, rejects = zip(*_map(tables, parts, list(offsets[:-1])))
+    return CleanResult(kept=pl.concat(kept, rechunk=False), rejects=pl.concat(rejects, rechunk=False))
 
 
-# Each table is cut out with only its columns (string data is shared, not copied), then gets the column only it
-# needs: the split for kept rows, the detail for rejected ones.
+# Each table is cut out of a slice with only its columns (string data is shared, not copied), then gets the
+# columns only it needs: hex hashes and the split for kept rows, the detail for rejected ones.
 
 
-def _kept_table(df: pl.DataFrame, keep: pl.Series, eval_fraction: float) -> pl.DataFrame:
-    bucket = pl.col("prompt_hash").str.slice(0, 8).str.to_integer(base=16) % 10_000
+def _kept_table(part: pl.DataFrame, keep: pl.Series, eval_fraction: float) -> pl.DataFrame:
+    words = ["_prompt_hi", "_prompt_lo", "_content_hi", "_content_lo"]
+    kept = part.select(*KEPT_COLUMNS[:5], *KEPT_COLUMNS[8:], *words).filter(keep)
+    # the first 8 hex digits of prompt_hash, as a number: the top 32 bits of its high word
+    bucket = (pl.col("_prompt_hi") // 2**32) % 10_000
     split = pl.when(bucket < int(round(eval_fraction * 10_000))).then(pl.lit("eval")).otherwise(pl.lit("train"))
-    return (
-        df.select(KEPT_COLUMNS[:7] + KEPT_COLUMNS[8:]).filter(keep)
-        .select(*KEPT_COLUMNS[:7], split.alias("split"), *KEPT_COLUMNS[8:])
-    )
+    return kept.select(*KEPT_COLUMNS[:5], _hex128(kept, "_content", "content_hash"),
+                       _hex128(kept, "_prompt", "prompt_hash"), split.alias("split"), *KEPT_COLUMNS[8:])
 
 
-def _rejects_table(df: pl.DataFrame, keep: pl.Series, known: pl.DataFrame | None) -> pl.DataFrame:
+def _rejects_table(part: pl.DataFrame, keep: pl.Series, known: pl.DataFrame | None,
+                   sources: pl.DataFrame) -> pl.DataFrame:
     first_source = pl.format("{}:{}", pl.col("first_file"), pl.col("first_row"))
     detail = (
         pl.when(pl.col("error").is_not_null())
@@ -447,9 +460,11 @@ def _rejects_table(df: pl.DataFrame, keep: pl.Series, known: pl.DataFrame | None
         .when(pl.col("reason").is_not_null())
         .then(pl.format("{}:{}: {}", pl.col("source_file"), pl.col("source_row"), pl.col("reason")))
     )
-    reject_inputs = [*REJECT_COLUMNS[:3], *REJECT_COLUMNS[4:], "error", "first_file", "first_row", "score_chosen",
-                     "score_rejected"]
-    rejects = df.select(reject_inputs + (["content_hash", "_known"] if known is not None else [])).filter(~keep)
+    reject_inputs = [*REJECT_COLUMNS[:3], *REJECT_COLUMNS[4:], "error", "_first", "score_chosen", "score_rejected"]
+    rejects = part.select(reject_inputs + (["content_hash", "_known"] if known is not None else [])).filter(~keep)
+    # the kept copy's source (a row of the whole table), gathered for the rejected rows only
+    rejects = rejects.with_columns(first_file=sources["source_file"].gather(rejects["_first"]),
+                                   first_row=sources["source_row"].gather(rejects["_first"]))
     if known is not None and {"source_file", "source_row"} <= set(known.columns):
         earlier = known.select("content_hash", _kf=pl.col("source_file"), _kr=pl.col("source_row")).unique(
             "content_hash", keep="first")
