@@ -29,7 +29,10 @@ speed, with the same output as applying those rules to every string
 - prompt message contents are normalized as one flat column and put back into
   their lists with the original offsets (`normalize_messages`), because inside
   `list.eval` the guards above would evaluate every branch on every element;
-- the row-local work runs in slices on polars' thread pool (`SLICE_ROWS`).
+- the row-local work and the cutting of both tables run in slices on a thread
+  pool (`SLICE_ROWS`), and the slices are never concatenated into one frame
+  (polars rechunks every column of such a frame when columns are selected);
+  deduplication looks at the whole table through numpy arrays of hash words.
 """
 
 from __future__ import annotations
@@ -282,9 +285,9 @@ def _score_rules(reason: pl.Expr, min_score_margin: float | None) -> pl.Expr:
 # the raw columns cleaning reads; everything else in the raw table (format, ...) is never loaded
 _INPUT_COLUMNS = ["source_file", "source_row", "prompt", "chosen", "rejected", "score_chosen", "score_rejected",
                   "error", "error_reason"]
-# Rows per slice of the row-local work (normalize, hash, first reasons). Slices run on a thread pool (polars
-# releases the GIL: two threads clean 1.9x as fast on 2 cores) and the prompt key and concatenated pair, two
-# copies of the text, exist for one slice per thread at a time.
+# Rows per slice of the row-local work (normalize, hash, first reasons) and of cutting the tables. Slices run on
+# a thread pool (polars releases the GIL: two threads clean 1.9x as fast on 2 cores) and the prompt key and
+# concatenated pair, two copies of the text, exist for one slice per thread at a time.
 SLICE_ROWS = 1 << 16
 MIN_SLICE_ROWS = 1 << 12
 

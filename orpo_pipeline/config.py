@@ -48,7 +48,7 @@ class DataSettings(BaseModel):
         50_000,
         ge=1,
         description="Rows read, cleaned and written at a time; memory follows it, not the file size "
-        "(cleaning 500k real-length pairs 50k at a time peaked at 1.6-1.7 GB).",
+        "(cleaning 500k real-length pairs 50k at a time peaked at 1.9-2.0 GB).",
     )
 
 
