@@ -583,15 +583,18 @@ def clean_in_batches(
     return totals
 
 
-def parquet_batches(path: Path, batch_rows: int) -> Iterator[pl.DataFrame]:
-    """A parquet file `batch_rows` rows at a time; an empty file gives one empty table (its schema)."""
+def parquet_batches(path: Path, batch_rows: int, columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
+    """A parquet file `batch_rows` rows at a time, only `columns` of it that it has (default all); an empty file
+    gives one empty table (its schema)."""
     import pyarrow.parquet as pq
 
     source = pq.ParquetFile(path)
+    if columns is not None:
+        columns = [c for c in columns if c in source.schema_arrow.names]
     if source.metadata.num_rows == 0:
-        yield pl.read_parquet(path)
+        yield pl.read_parquet(path, columns=columns)
         return
-    for b in source.iter_batches(batch_size=batch_rows):
+    for b in source.iter_batches(batch_size=batch_rows, columns=columns):
         yield pl.from_arrow(b)
 
 
@@ -628,7 +631,8 @@ def clean_parquet_file(path: Path, out_dir: Path, batch_rows: int = 50_000,
             if progress is not None:
                 progress(done, total)
 
-        totals = clean_in_batches(parquet_batches(Path(path), batch_rows), write, **kwargs)
+        # only the columns cleaning reads: decoding the raw table's others (format) cost 0.5 CPU-s at 2M rows
+        totals = clean_in_batches(parquet_batches(Path(path), batch_rows, _INPUT_COLUMNS), write, **kwargs)
         if pending is not None:
             pending.result()
         return totals
