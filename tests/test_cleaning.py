@@ -259,7 +259,7 @@ def _edge_rows():
         ("a", 7, [{"role": "user", "content": None}], "x", "y", *none),
         ("a", 8, msgs("q"), None, "y", *none),  # no chosen but no error: no hash, never a duplicate
         ("a", 9, msgs("q"), None, "y", *none),
-        ("a", 9, msgs("q"), "x", "y", *none),  # the same source row twice: neither is a copy of the other
+        ("a", 9, msgs("q"), "x", "y", *none),  # the same source row twice: the second is a copy of the first
         ("a", 9, msgs("q"), "x", "y", *none),
         ("b", 1, msgs("q", " \u200b"), "x", "y", 3.0, 3.0, None, None, None),
         ("b", 2, msgs("sys", "q\u3000\n\n\n\nz"), "x", "y", 5.0, 3.0, None, None, None),
@@ -282,6 +282,16 @@ def test_fast_path_equals_reference_on_sample_and_edge_rows(kwargs, slice_rows, 
         assert_same_tables(*clean_both_ways(raw, **kwargs))
     known = clean_preferences(sample).kept["content_hash"].head(20)
     assert_same_tables(*clean_both_ways(sample, known_hashes=known, **kwargs))
+
+
+def test_a_row_repeated_under_the_same_source_row_is_still_a_duplicate():
+    """Copies are told apart by their position, not by their file and row: a table that holds one source row
+    twice (two raw tables concatenated) keeps one pair, and the other is rejected as its duplicate."""
+    rows = [r for r in _edge_rows() if r[:2] == ("a", 9) and r[3] == "x"]
+    assert len(rows) == 2
+    result = clean_preferences(pl.DataFrame(rows, schema=RAW_SCHEMA, orient="row"))
+    assert result.kept.height == 1 and result.kept["source_row"].to_list() == [9]
+    assert result.rejects.select("reason", "detail").rows() == [("duplicate_pair", "duplicate of a:9")]
 
 
 TRICKY = ["\r", "\n", " ", "\t", "\u00a0", "\u2003", "\u3000", "\u200b", "\ufeff", "\u200d", "\u0301",
