@@ -189,10 +189,26 @@ def run_worker(script: Path, args: list[str], timeout: float | None = None) -> d
 
 # ---------------------------------------------------------------- results
 
+def code_version() -> dict:
+    """The commit the figures were measured on, and whether the working tree differed from it (None outside git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    # results files are written by the run itself: a tree dirty only there measured the committed code
+    changed = [line[3:] for line in status.stdout.splitlines() if not line[3:].startswith("bench/results/")]
+    return {"commit": commit.stdout.strip(), "dirty": bool(changed)}
+
+
 def save_result(name: str, payload: dict, out: str | Path | None = None) -> Path:
     """Write results JSON: to `out` if given, else bench/results/<name>.json (latest) and a timestamped copy."""
     payload = {"benchmark": name, "timestamp_utc": utc_now(), "device": describe_device(),
-               "versions": library_versions(), **payload}
+               "versions": library_versions(), "code": code_version(), **payload}
     text = json.dumps(payload, indent=2, default=str) + "\n"
     if out:
         path = Path(out)
