@@ -25,12 +25,12 @@ def raw_preferences(
     rows = []
     for key in context.partition_keys:
         src = drops.load_source(storage.sources_path, key)
-        tables = ingest.iter_tables(ingest.iter_records(src.path), src.name, config.format, config.column_mapping,
-                                    batch_rows=config.batch_rows)
+        tables = ingest.iter_file_tables(src.path, src.name, config.format, config.column_mapping,
+                                         batch_rows=config.batch_rows)
         row = {"partition": key, "file": src.name, "format": None, "rows": 0, "unparseable": 0}
         try:  # a batch at a time: a file of millions of pairs is never held whole
             with atomic_dir(storage.partition_dir("raw_preferences", key)) as tmp, \
-                    ParquetAppender(tmp / "raw.parquet") as out:
+                    ParquetAppender(tmp / "raw.parquet", background=True) as out:
                 for t in tables:
                     out.write(t)
                     row["format"] = row["format"] or t["format"].drop_nulls().first()

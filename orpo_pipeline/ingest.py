@@ -634,6 +634,22 @@ def records_to_table(
     return pl.concat(iter_tables(records, source, fmt, column_mapping))
 
 
+def iter_file_tables(
+    path: Path,
+    source: str,
+    fmt: str = "auto",
+    column_mapping: dict[str, str] | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> Iterator[pl.DataFrame]:
+    """`iter_tables(iter_records(path), …)`: the same rows; JSON Lines files of TRL-standard pairs are parsed in
+    bulk (`bulk_jsonl`), several times faster."""
+    if Path(path).name.lower().endswith((".jsonl", ".jsonl.gz")) and not column_mapping:
+        from orpo_pipeline.bulk_jsonl import iter_jsonl_tables
+
+        return iter_jsonl_tables(Path(path), source, fmt, batch_rows)
+    return iter_tables(iter_records(path), source, fmt, column_mapping, batch_rows)
+
+
 def preference_files(data_dir: Path) -> list[Path]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -647,7 +663,7 @@ def preference_files(data_dir: Path) -> list[Path]:
 def read_preference_dir(data_dir: Path, fmt: str = "auto", column_mapping: dict[str, str] | None = None) -> pl.DataFrame:
     data_dir = Path(data_dir)
     tables = [
-        records_to_table(iter_records(p), str(p.relative_to(data_dir)), fmt, column_mapping)
+        pl.concat(iter_file_tables(p, str(p.relative_to(data_dir)), fmt, column_mapping))
         for p in preference_files(data_dir)
     ]
     return pl.concat(tables)

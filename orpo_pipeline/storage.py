@@ -77,12 +77,21 @@ def dir_digest(path: Path) -> str:
 
 class ParquetAppender:
     """One parquet file written a table at a time, so a large table never has to be held whole. Every table
-    must have the same schema; the first one (even empty) fixes it. Write into an atomic_dir's temp folder."""
+    must have the same schema; the first one (even empty) fixes it. Write into an atomic_dir's temp folder.
 
-    def __init__(self, path: Path):
-        self.path, self._writer = Path(path), None
+    `background=True` encodes and writes each table on a thread of its own while the caller makes the next one
+    (parquet encoding releases the GIL); at most one table waits, and a write's error is raised by the next
+    write or by close."""
 
-    def write(self, df) -> None:
+    def __init__(self, path: Path, background: bool = False):
+        self.path, self._writer, self._pending = Path(path), None, None
+        self._thread = None
+        if background:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._thread = ThreadPoolExecutor(max_workers=1)
+
+    def _write(self, df) -> None:
         import pyarrow.parquet as pq
 
         table = df.to_arrow()
@@ -90,9 +99,26 @@ class ParquetAppender:
             self._writer = pq.ParquetWriter(self.path, table.schema)
         self._writer.write_table(table)
 
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def write(self, df) -> None:
+        if self._thread is None:
+            self._write(df)
+            return
+        self._wait()
+        self._pending = self._thread.submit(self._write, df)
+
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        try:
+            self._wait()
+        finally:
+            if self._thread is not None:
+                self._thread.shutdown()
+            if self._writer is not None:
+                self._writer.close()
 
     def __enter__(self) -> "ParquetAppender":
         return self

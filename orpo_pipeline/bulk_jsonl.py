@@ -1,0 +1,293 @@
+"""JSON Lines files read a batch of lines at a time, with Arrow's JSON reader wherever it gives the same rows.
+
+Parsing every line with Python's `json` and checking each record in Python costs ~13-16 µs a pair, which made
+ingest the slowest step at millions of pairs. For the most common shape, TRL-standard text pairs
+(`{"prompt": str, "chosen": str, "rejected": str}`, plus plain extra keys such as ids), Arrow parses runs of
+lines in C++ on every core and the raw-table rows are built column-wise. A line goes the bulk way only when
+that gives the row `ingest` gives it line by line; every other line is read by `ingest`'s line reader, which
+names the bad line, field and reason exactly as before (the two are compared on random bytes in
+tests/test_bulk_jsonl.py):
+
+- the line is one `{…}` (blank lines, leading blanks, a BOM or one object split over lines go line by line);
+- Arrow parses it under the file's schema (`parse_options`): a missing text or a null comes back null and goes
+  line by line; a number, list or object where text belongs, a duplicate or unknown key, a control character
+  or a lone surrogate is an Arrow error, whose row index names the line, and the parse resumes after it; a
+  run of lines that yields more rows than lines (two objects on a line) goes line by line;
+- its strings are valid UTF-8 (Arrow's JSON reader does not check; Python's decoder rejects the line). A batch
+  with bytes that are not, or an error Arrow gives without a row, goes line by line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import mmap
+import os
+import re
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.json as pa_json
+
+from orpo_pipeline import ingest
+
+TEXT_FIELDS = ("prompt", "chosen", "rejected")
+# keys whose value changes the row (a system prompt, scores): only null ones go in bulk
+_ROW_KEYS = {"system", "metadata", *(k for pair in ingest.SCORE_KEYS for k in pair)}
+_SCALARS = {str: pa.string(), bool: pa.bool_(), int: pa.int64(), type(None): pa.null()}
+
+
+def parse_options(record: dict) -> pa_json.ParseOptions | None:
+    """Arrow's schema for the lines of a TRL-standard file whose first such record is `record`: the three texts,
+    and its other keys (ids, sources, ...) typed as there, so a line whose extra key changes type, or that has a
+    key `record` lacks, is refused and read line by line. None where the file's lines cannot go in bulk: a key
+    that changes the row (scores, system prompt) is always set, or an extra value is not a plain scalar (floats
+    included: Python rejects an integer of over 4,300 digits that Arrow would read as a float)."""
+    fields = [(name, pa.string()) for name in TEXT_FIELDS]
+    for key, value in record.items():
+        if key in TEXT_FIELDS:
+            continue
+        if key in _ROW_KEYS and value is not None or type(value) not in _SCALARS:
+            return None
+        if type(value) is int and not -2**63 <= value < 2**63:
+            return None
+        fields.append((key, _SCALARS[type(value)]))
+    return pa_json.ParseOptions(explicit_schema=pa.schema(fields), unexpected_field_behavior="error")
+
+
+_ROW = re.compile(r" in row (\d+)$")
+
+
+def _starts(ends: np.ndarray) -> np.ndarray:
+    return np.concatenate(([0], ends[:-1] + 1))
+
+
+def _shaped(b: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Which lines are one `{…}` (an optional CR before the newline): only those go to Arrow, so that a row of
+    Arrow's is a line. A blank line, leading blanks or a BOM fail this; the line reader takes them."""
+    starts = _starts(ends)
+    cr = (ends > starts) & (b[ends - 1] == 0x0D)
+    last = ends - 1 - cr
+    return (last > starts) & (b[starts] == ord("{")) & (b[last] == ord("}"))
+
+
+def _parse(buffer: pa.Buffer, parse: pa_json.ParseOptions) -> pa.Table:
+    # one block: Arrow then stops at the first bad row, and its error gives that row's index in the buffer
+    options = pa_json.ReadOptions(block_size=max(buffer.size + 1, 1 << 16), use_threads=False)
+    return pa_json.read_json(pa.BufferReader(buffer), read_options=options, parse_options=parse)
+
+
+def _bulk_rows(buffer: pa.Buffer, parse: pa_json.ParseOptions, starts: np.ndarray, ends: np.ndarray, lo: int,
+               hi: int) -> tuple[list[pa.Table], list[np.ndarray], list[int]]:
+    """Parse lines lo..hi-1: tables with the indices of their lines, and the lines Arrow refused. A refused line
+    is found where the parse stopped, and parsing resumes after it."""
+    tables, rows, refused = [], [], []
+
+    def take(a: int, b: int) -> None:
+        if b > a:
+            table = _parse(buffer.slice(starts[a], ends[b - 1] + 1 - starts[a]), parse)
+            if table.num_rows == b - a:
+                tables.append(table)
+                rows.append(np.arange(a, b))
+            else:  # some line holds two objects: which one is not worth finding
+                refused.extend(range(a, b))
+
+    while lo < hi:
+        try:
+            take(lo, hi)
+            break
+        except pa.ArrowInvalid as e:
+            m = _ROW.search(str(e))
+            if m is None or lo + int(m.group(1)) >= hi:
+                raise
+            bad = lo + int(m.group(1))
+            take(lo, bad)
+            refused.append(bad)
+            lo = bad + 1
+    return tables, rows, refused
+
+
+def _pieces(shaped: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of shaped lines, long ones cut so that every thread gets a share (Arrow parses without the GIL)."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], shaped.view(np.int8), [0])))).tolist()
+    most = max(1_000, -(-len(shaped) // pl.thread_pool_size()))
+    return [(a, min(a + most, hi)) for lo, hi in zip(edges[::2], edges[1::2]) for a in range(lo, hi, most)]
+
+
+def _bulk(data: bytes, ends: np.ndarray, first_row: int, source: str, parse: pa_json.ParseOptions
+          ) -> tuple[pl.DataFrame | None, np.ndarray]:
+    """The rows of the lines Arrow reads as the line reader would, and the indices of the lines left to it."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    starts, shaped = _starts(ends), _shaped(b, ends)
+    buffer = pa.py_buffer(data)
+    pieces = _pieces(shaped)
+    if len(pieces) > 1:
+        with ThreadPoolExecutor(max_workers=pl.thread_pool_size()) as pool:
+            done = list(pool.map(lambda p: _bulk_rows(buffer, parse, starts, ends, *p), pieces))
+    else:
+        done = [_bulk_rows(buffer, parse, starts, ends, *p) for p in pieces]
+    parsed = [t for d in done for t in d[0]]
+    refused = np.array(np.flatnonzero(~shaped).tolist() + [i for d in done for i in d[2]], dtype=np.int64)
+    if not parsed:
+        return None, np.sort(refused)
+    table, at = pa.concat_tables(parsed), np.concatenate([r for d in done for r in d[1]])
+    table.validate(full=True)  # Arrow's JSON reader does not check UTF-8; Python's decoder does
+    # a null text is a "missing field" reject: the line reader words the error (the row keys are typed null)
+    null = np.zeros(table.num_rows, dtype=bool)
+    for f in TEXT_FIELDS:
+        if table.column(f).null_count:
+            null |= table.column(f).combine_chunks().is_null().to_numpy(zero_copy_only=False)
+    kept = pl.from_arrow(table.select(list(TEXT_FIELDS)))
+    if null.any():
+        kept = kept.filter(pl.Series(~null))
+    return _pairs_table(kept, first_row + at[~null], source), np.sort(np.concatenate([refused, at[null]]))
+
+
+def batch_table(data: bytes, ends: np.ndarray, first_row: int, source: str, fmt: str,
+                parse: pa_json.ParseOptions | None) -> pl.DataFrame:
+    """The raw-table rows of the lines in `data` (line i ends at ends[i], a newline, and is numbered first_row + i),
+    in line order. In a TRL-standard file the lines Arrow reads exactly as `ingest` would go in bulk, the others
+    line by line."""
+    slow, tables = np.arange(len(ends)), []
+    if len(ends) and fmt == "trl_standard" and parse is not None:
+        try:
+            bulk, slow = _bulk(data, ends, first_row, source, parse)
+            tables = [bulk] if bulk is not None else []
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            slow = np.arange(len(ends))  # e.g. bytes that are not UTF-8 somewhere: the batch is read line by line
+    if len(slow):
+        starts = _starts(ends)
+        lines = ((first_row + i, bytes(data[starts[i]:ends[i] + 1])) for i in slow.tolist())
+        records = ((n, ingest._decode_json_line(line, n == 1)) for n, line in lines if line.strip())
+        tables.append(ingest.records_to_table(records, source, fmt))
+    if not tables:
+        return ingest.records_to_table([], source, fmt)
+    out = pl.concat(tables)
+    return out.sort("source_row") if len(tables) > 1 else out
+
+
+def _pairs_table(df: pl.DataFrame, rows: np.ndarray, source: str) -> pl.DataFrame:
+    return df.select(
+        source_file=pl.lit(source, pl.String),
+        source_row=pl.Series(rows, dtype=pl.Int64),
+        prompt=pl.concat_list(pl.struct(role=pl.lit("user"), content=pl.col("prompt"))),
+        chosen="chosen",
+        rejected="rejected",
+        score_chosen=pl.lit(None, pl.Float64),
+        score_rejected=pl.lit(None, pl.Float64),
+        error=pl.lit(None, pl.String),
+        error_reason=pl.lit(None, pl.String),
+        format=pl.lit("trl_standard"),
+    ).cast(ingest.RAW_SCHEMA)
+
+
+READ_BYTES = 1 << 22
+
+
+def _line_batches(path: Path, batch_rows: int) -> Iterator[tuple[int, bytes | memoryview, np.ndarray]]:
+    """(number of the first line, bytes of up to batch_rows whole lines, where each line's newline is)."""
+    if not path.name.lower().endswith(".gz"):
+        yield from _mapped_batches(path, batch_rows)
+        return
+    lineno, buf, newlines = 1, bytearray(), []
+    try:
+        with gzip.open(path, "rb") as f:
+            while True:
+                block = f.read(READ_BYTES)
+                if block:
+                    newlines.append(np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 0x0A) + len(buf))
+                    buf += block
+                elif buf and buf[-1] != 0x0A:  # a last line without its newline
+                    newlines.append(np.array([len(buf)]))
+                    buf += b"\n"
+                ends = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
+                while len(ends) >= batch_rows or (not block and len(ends)):
+                    cut = ends[: min(batch_rows, len(ends))]
+                    size = int(cut[-1]) + 1
+                    with memoryview(buf) as view:
+                        data = bytes(view[:size])
+                    del buf[:size]
+                    yield lineno, data, cut
+                    lineno += len(cut)
+                    ends = ends[len(cut):] - size
+                newlines = [ends]
+                if not block:
+                    return
+    except (OSError, EOFError, zlib.error) as e:  # corrupt or truncated gzip
+        read = lineno - 1 + sum(len(n) for n in newlines)
+        where = f" after line {read}" if read else ""
+        raise ingest.PreferenceFormatError(f"{path}: unreadable{where}: {e}") from e
+
+
+def _mapped_batches(path: Path, batch_rows: int) -> Iterator[tuple[int, memoryview | bytes, np.ndarray]]:
+    """_line_batches of a plain file, as views of the file mapped in memory: no copy (three copies cost a third of
+    the bulk path's time), and each batch's pages are handed back to the page cache once the next batch is asked
+    for, so the process never holds the whole file. The file must not shrink while it is read (the pipeline
+    reads its own registered copy)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = memoryview(mapped)
+    file = np.frombuffer(view, dtype=np.uint8)
+    start, lineno = 0, 1
+    while start < size:
+        ends, scanned = [], start
+        while scanned < size and sum(map(len, ends)) < batch_rows:
+            window = file[scanned:scanned + READ_BYTES]
+            ends.append(np.flatnonzero(window == 0x0A) + (scanned - start))
+            scanned += len(window)
+        cut = np.concatenate(ends)[:batch_rows]
+        if len(cut) < batch_rows and (not len(cut) or cut[-1] != size - 1 - start):  # a last line without newline
+            data = bytes(view[start:size]) + b"\n"
+            cut = np.append(cut, size - start)
+        else:
+            data = view[start:start + int(cut[-1]) + 1]
+        yield lineno, data, cut
+        lineno += len(cut)
+        done = start + int(cut[-1]) + 1
+        page = mmap.PAGESIZE
+        if done // page > start // page:
+            mapped.madvise(mmap.MADV_DONTNEED, start // page * page, (done // page - start // page) * page)
+        start = done
+    # no mapped.close(): a caller may still hold the last batch's view; the map goes with the last view
+
+
+def _options_for(path: Path) -> pa_json.ParseOptions | None:
+    """parse_options for the file's first record that looks TRL-standard."""
+    is_standard = ingest.FORMATS["trl_standard"][0]
+    records = ingest._iter_jsonl(path)
+    try:
+        first = next((r for _, r in records if isinstance(r, dict) and is_standard(set(r), r)), None)
+    finally:
+        records.close()
+    return parse_options(first) if first is not None else None
+
+
+def iter_jsonl_tables(path: Path, source: str, fmt: str = "auto", batch_rows: int = ingest.BATCH_ROWS
+                      ) -> Iterator[pl.DataFrame]:
+    """`ingest.iter_tables(ingest.iter_records(path), source, fmt)` for a .jsonl / .jsonl.gz file: the same rows
+    (tested), a batch of `batch_rows` lines at a time, TRL-standard lines parsed in bulk."""
+    path = Path(path)
+    if fmt == "auto":
+        records = ingest._iter_jsonl(path)
+        try:
+            fmt = ingest._detect(records, source)[0]  # reads up to the first record that has a format
+        finally:
+            records.close()
+        if fmt is None:  # nothing readable: every line is a reject, and there is no bulk path for that
+            yield from ingest.iter_tables(ingest._iter_jsonl(path), source, "auto", batch_rows=batch_rows)
+            return
+    ingest._parser_for(fmt)  # an unknown name fails here, before any line is read
+    yielded = False
+    parse = _options_for(path) if fmt == "trl_standard" else None
+    for first_row, data, ends in _line_batches(path, batch_rows):
+        yielded = True
+        yield batch_table(data, ends, first_row, source, fmt, parse)
+    if not yielded:
+        yield ingest.records_to_table([], source, fmt)

@@ -1,0 +1,203 @@
+"""JSON Lines read in bulk (`bulk_jsonl`) give exactly the rows the line-by-line reader gives, for any bytes."""
+
+import gzip
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orpo_pipeline import bulk_jsonl
+from orpo_pipeline.bulk_jsonl import _bulk, batch_table, parse_options
+from orpo_pipeline.ingest import (
+    PreferenceFormatError,
+    iter_file_tables,
+    iter_records,
+    records_to_table,
+)
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+STANDARD = parse_options({"prompt": "", "chosen": "", "rejected": ""})
+TRICKY = ["", " ", "\ud800", "\udfff", "\U0001f600", "e\u0301", "\u00a0x\u200b", "\r\n", "\t", "\x00", "\ufeff",
+          "}", "{", '"', "\\", "\\u00e9", "\x7f", "\u2028"]
+text = st.one_of(st.text(max_size=8), st.sampled_from(TRICKY))
+
+
+def _dump(obj, ascii_only: bool) -> bytes:
+    """JSON of obj; the text "<digits>" stands for an integer of 5,000 digits, which Python's json rejects."""
+    line = json.dumps(obj, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    return line.replace(b'"<digits>"', b"9" * 5000)
+
+
+# extra keys a file's lines carry besides the texts: ids and sources (bulk), and keys that change the row
+EXTRA_VALUES = {
+    "id": st.one_of(st.integers(-2**64, 2**64), st.none(), st.floats(), st.just("<digits>")),
+    "source": st.one_of(text, st.none(), st.integers(0, 3)),
+    "flag": st.one_of(st.booleans(), st.none()),
+    "system": st.one_of(st.none(), text),
+    "score_chosen": st.one_of(st.none(), st.integers(0, 5)),
+    "metadata": st.one_of(st.none(), st.just({"score_chosen": 2, "score_rejected": 1})),
+}
+
+
+@st.composite
+def a_line(draw, extras=()) -> bytes:
+    """A TRL-standard line with some of `extras`, mostly good, sometimes broken in one of the ways files break."""
+    pair = {"prompt": draw(text), "chosen": draw(text), "rejected": draw(text)}
+    pair.update({k: draw(EXTRA_VALUES[k]) for k in extras if draw(st.integers(0, 9))})
+    line = _dump(pair, draw(st.booleans()))
+    kind = draw(st.integers(0, 30))
+    if kind == 1:
+        line = line[: draw(st.integers(0, len(line)))]  # truncated
+    elif kind == 2:
+        line = _dump({**pair, draw(st.sampled_from(["system", "x", "score_chosen"])): draw(text)}, True)
+    elif kind == 3:
+        line = _dump({**pair, draw(st.sampled_from(list(pair))): draw(
+            st.one_of(st.none(), st.integers(), st.floats(), st.lists(text, max_size=2), st.booleans()))}, True)
+    elif kind == 4:
+        line = _dump({k: v for k, v in pair.items() if draw(st.booleans())}, True)  # missing keys
+    elif kind == 5:
+        line = line[:-1] + b', "prompt": "dup"}'  # duplicate key: Python keeps the last
+    elif kind == 6:
+        at = draw(st.integers(0, len(line)))
+        line = line[:at] + draw(st.sampled_from([b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\t", b"\r", b"\x01",
+                                                 b" ", b"\n", b"\xef\xbb\xbf", b"}", b"{"])) + line[at:]
+    elif kind == 7:
+        line = line + line  # two objects on one line
+    elif kind == 8:
+        line = draw(st.sampled_from([b"", b"   ", b"[1, 2]", b'"text"', b"null", b"{}", b"NaN", b"\xef\xbb\xbf" + line,
+                                     b"  " + line, line + b"  ", line.replace(b", ", b",\t")]))
+    elif kind == 9:
+        line = _dump({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}],
+                      "rejected": [{"role": "assistant", "content": "b"}]}, True)  # another format's record
+    return line + draw(st.sampled_from([b"\n"] * 6 + [b"\r\n"]))
+
+
+lines_of_a_file = st.lists(st.sampled_from(list(EXTRA_VALUES)), max_size=3, unique=True).flatmap(
+    lambda extras: st.lists(a_line(extras), max_size=14))
+
+
+@SETTINGS
+@given(lines=lines_of_a_file, batch_rows=st.sampled_from([1, 2, 3, 5, 1000]),
+       fmt=st.sampled_from(["auto", "trl_standard"]), last_newline=st.booleans(), gz=st.booleans(),
+       read_bytes=st.sampled_from([1, 7, 64, bulk_jsonl.READ_BYTES]))
+def test_bulk_reading_gives_the_rows_of_line_by_line_reading(tmp_path, monkeypatch, lines, batch_rows, fmt,
+                                                             last_newline, gz, read_bytes):
+    monkeypatch.setattr(bulk_jsonl, "READ_BYTES", read_bytes)  # lines cut across the reader's blocks
+    data = b"".join(lines)
+    if not last_newline:
+        data = data.rstrip(b"\r\n")
+    path = tmp_path / ("p.jsonl.gz" if gz else "p.jsonl")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    try:
+        expected = records_to_table(iter_records(path), path.name, fmt)
+    except PreferenceFormatError as e:
+        with pytest.raises(PreferenceFormatError) as got:
+            pl.concat(iter_file_tables(path, path.name, fmt, batch_rows=batch_rows))
+        assert str(got.value) == str(e)
+        return
+    tables = list(iter_file_tables(path, path.name, fmt, batch_rows=batch_rows))
+    assert all(t.height <= batch_rows for t in tables)
+    assert pl.concat(tables).equals(expected)
+
+
+def _batch(lines):
+    data = b"".join(lines)
+    return data, np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)
+
+
+def test_only_the_lines_arrow_cannot_read_as_python_does_go_line_by_line(tmp_path):
+    good = [_dump({"prompt": f"q{i}", "chosen": "a\u00e9", "rejected": "b"}, i % 2 == 0) + b"\n" for i in range(40)]
+    bad = {3: b'{"prompt": "q", "chosen": 5, "rejected": "b"}\n',       # a number: Arrow refuses, stops here
+           9: b'{"prompt": "q", "chosen": "a", "rejected": "b"\n',       # truncated: fails the shape screen
+           17: b'{"prompt": null, "chosen": "a", "rejected": "b"}\n',    # null: parsed, then sent back
+           25: b'{"prompt": "q", "chosen": "a\\ud800", "rejected": "b"}\n',  # lone surrogate
+           31: b'{"prompt": "q", "chosen": "a", "rejected": "b", "prompt": "z"}\n',  # duplicate key
+           35: b'  {"prompt": "q", "chosen": "a", "rejected": "b"}\n'}  # leading blanks: the line reader takes it
+    two_objects = b'{"prompt": "q", "chosen": "a", "rejected": "b"} {"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+
+    lines = [bad.get(i, line) for i, line in enumerate(good)]
+    bulk, slow = _bulk(*_batch(lines), 1, "f.jsonl", STANDARD)
+    assert slow.tolist() == sorted(bad)
+    assert bulk.height == len(lines) - len(bad)
+    # Arrow reads two objects on one line as two rows; the segment it sits in goes line by line
+    bulk, slow = _bulk(*_batch([*lines[:38], two_objects, *lines[39:]]), 1, "f.jsonl", STANDARD)
+    assert 38 in slow.tolist() and bulk.height + len(slow) == len(lines)
+    out = batch_table(*_batch(lines), 1, "f.jsonl", "trl_standard", STANDARD)
+    assert out["source_row"].to_list() == list(range(1, 41))
+    assert out.filter(pl.col("error").is_not_null())["source_row"].to_list() == [4, 10, 18, 26]
+    (tmp_path / "f.jsonl").write_bytes(b"".join(lines))
+    assert out.equals(records_to_table(iter_records(tmp_path / "f.jsonl"), "f.jsonl", "trl_standard"))
+    assert out.filter(pl.col("source_row") == 32)["prompt"].to_list() == [[{"role": "user", "content": "z"}]]
+
+
+def test_bytes_that_are_not_utf8_send_the_batch_line_by_line_and_are_reported():
+    lines = [b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n', b'{"prompt": "q\xff", "chosen": "a", "rejected": "b"}\n']
+    out = batch_table(*_batch(lines), 1, "f.jsonl", "trl_standard", STANDARD)
+    assert out["error"].to_list() == [None, "f.jsonl:2: not UTF-8: byte 0xff at column 14"]
+
+
+def test_a_large_clean_file_is_read_in_bulk_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "x" * int(rng.integers(1, 50)),
+                                        "rejected": "é"}) + "\n" for i in range(20_000)))
+    tables = list(iter_file_tables(path, path.name, batch_rows=6_000))
+    assert [t.height for t in tables] == [6_000, 6_000, 6_000, 2_000]
+    assert pl.concat(tables).equals(records_to_table(iter_records(path), path.name))
+
+
+def test_a_truncated_gzip_file_fails_naming_the_file_after_its_readable_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(bulk_jsonl, "READ_BYTES", 1 << 16)
+    rng = np.random.default_rng(0)
+    packed = gzip.compress(b"".join(json.dumps({"prompt": str(rng.random()), "chosen": "a", "rejected": "b"}).encode()
+                                    + b"\n" for _ in range(20_000)))
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(packed[: len(packed) // 2])
+    got = []
+    with pytest.raises(PreferenceFormatError, match=r"cut\.jsonl\.gz: unreadable after line \d+"):
+        for table in iter_file_tables(path, path.name, batch_rows=1_000):
+            got.append(table)
+    assert sum(t.height for t in got) > 0
+
+
+def test_a_background_appender_writes_the_same_file_and_raises_a_failed_write(tmp_path, monkeypatch):
+    """raw_preferences writes each batch on a second thread while the next is parsed."""
+    from orpo_pipeline import storage
+
+    tables = [pl.DataFrame({"a": list(range(i, i + 100)), "b": [f"x{i}"] * 100}) for i in range(0, 500, 100)]
+    for background in (False, True):
+        with storage.ParquetAppender(tmp_path / f"{background}.parquet", background=background) as out:
+            for t in tables:
+                out.write(t)
+    assert pl.read_parquet(tmp_path / "True.parquet").equals(pl.concat(tables))
+    assert pl.read_parquet(tmp_path / "False.parquet").equals(pl.concat(tables))
+
+    real, calls = storage.ParquetAppender._write, []
+
+    def failing(self, df):
+        calls.append(df.height)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        real(self, df)
+
+    monkeypatch.setattr(storage.ParquetAppender, "_write", failing)
+    with pytest.raises(OSError, match="No space left"), \
+            storage.ParquetAppender(tmp_path / "full.parquet", background=True) as out:
+        for t in tables:
+            out.write(t)
+    assert len(calls) == 2  # the write after the failed one raised its error and wrote nothing more
+
+
+def test_only_plain_extra_keys_that_do_not_change_the_row_allow_bulk_reading():
+    base = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    schema = parse_options({**base, "id": 7, "source": "web", "ok": True, "system": None, "note": None}).explicit_schema
+    assert [(f.name, str(f.type)) for f in schema] == [
+        ("prompt", "string"), ("chosen", "string"), ("rejected", "string"), ("id", "int64"), ("source", "string"),
+        ("ok", "bool"), ("system", "null"), ("note", "null")]
+    for extra in ({"system": "be brief"}, {"score_chosen": 2}, {"metadata": {}}, {"id": 1.5}, {"id": 2**63},
+                  {"tags": ["x"]}, {"meta": {"a": 1}}):
+        assert parse_options({**base, **extra}) is None, extra
