@@ -1,0 +1,111 @@
+"""Ingest: one TRL-standard JSONL file parsed into raw-table batches, in bulk vs line by line.
+
+The input is pipeline_scale.py's (bench/clean_throughput.py's pairs, real ones replicated and perturbed, written
+as one JSONL file of N lines, 0.5% of them malformed). Writing it is not timed. Each method runs in its own fresh
+process and reads the whole file a batch at a time (`batch_rows`, default 50,000), as `raw_preferences` does,
+without writing anything:
+
+- "bulk" (ours): `ingest.iter_file_tables`, which parses runs of TRL-standard lines with Arrow (`bulk_jsonl`);
+- "lines" (the baseline, what ingest did before, and still does for other formats):
+  `ingest.iter_tables(ingest.iter_records(path))`, `json.loads` and Python checks on each line.
+
+Both must give the same rows: each batch's rows are hashed and the sums compared. Figures: wall and CPU seconds,
+pairs/s, peak RSS, the ratio bulk / lines.
+
+    nice -n 19 .venv/bin/python bench/ingest_throughput.py                          # 2M pairs, fields cut to 256
+    nice -n 19 .venv/bin/python bench/ingest_throughput.py --pairs 500000 --max-field-chars 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import emit, fmt_rate, measure, run_worker, save_result  # noqa: E402
+
+
+def worker(args) -> None:
+    import polars as pl
+
+    from orpo_pipeline import ingest
+
+    path = Path(args.input_path)
+    with measure() as m:
+        if args.worker == "bulk":
+            tables = ingest.iter_file_tables(path, path.name, batch_rows=args.batch_rows)
+        else:
+            tables = ingest.iter_tables(ingest.iter_records(path), path.name, batch_rows=args.batch_rows)
+        rows = errors = 0
+        digest = 0
+        for t in tables:
+            rows += t.height
+            errors += int(t["error"].is_not_null().sum())
+            digest = (digest + int(t.hash_rows(seed=0).sum())) % 2**64
+    emit({"method": args.worker, "rows": rows, "errors": errors, "digest": digest,
+          "seconds": round(m["seconds"], 2), "cpu_seconds": round(m["cpu_seconds"], 2),
+          "pairs_per_s": round(rows / m["seconds"]), "peak_rss_mb": round(m["peak_rss_mb"]),
+          "loadavg_before": m["loadavg_before"], "loadavg_after": m["loadavg_after"],
+          "polars": pl.__version__})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=2_000_000)
+    ap.add_argument("--max-field-chars", type=int, default=256, help="cut every real text first (0: real lengths)")
+    ap.add_argument("--batch-rows", type=int, default=50_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each method; the fastest is reported")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/results/ingest_throughput.json)")
+    ap.add_argument("--input-path", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+
+    pipeline_scale = Path(__file__).resolve().parent / "pipeline_scale.py"
+    script = Path(__file__).resolve()
+    tmp = Path(tempfile.mkdtemp(prefix="ingest-input-"))
+    try:
+        path = tmp / "preferences.jsonl"
+        print(f"writing {args.pairs:,} pairs as JSONL (not timed) ...", flush=True)
+        written = run_worker(pipeline_scale, ["--worker", "write", "--pairs", str(args.pairs), "--input-path",
+                                              str(path), "--max-field-chars", str(args.max_field_chars),
+                                              "--seed", str(args.seed)])
+        print(f"  {written['file_mb']:,} MB, {written['unparseable_lines']:,} malformed lines", flush=True)
+        runs: dict[str, list[dict]] = {"bulk": [], "lines": []}
+        for _ in range(args.repeats):
+            for method in runs:
+                r = run_worker(script, ["--worker", method, "--batch-rows", str(args.batch_rows),
+                                        "--input-path", str(path)])
+                runs[method].append(r)
+                print(f"[{method}] {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} CPU-s), "
+                      f"{fmt_rate(r['pairs_per_s'])} pairs/s, peak RSS {r['peak_rss_mb']:,} MB, "
+                      f"{r['errors']:,} rows with an error", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    best = {k: max(v, key=lambda r: r["pairs_per_s"]) for k, v in runs.items()}
+    same = len({(r["rows"], r["errors"], r["digest"]) for v in runs.values() for r in v}) == 1
+    ratio = best["bulk"]["pairs_per_s"] / best["lines"]["pairs_per_s"]
+    print(f"\nsame rows (count, errors, row hashes): {same}")
+    print(f"bulk / lines: {ratio:.2f}x pairs/s ({fmt_rate(best['bulk']['pairs_per_s'])} against "
+          f"{fmt_rate(best['lines']['pairs_per_s'])}); peak RSS {best['bulk']['peak_rss_mb']:,} against "
+          f"{best['lines']['peak_rss_mb']:,} MB")
+    saved = save_result("ingest_throughput", {
+        "config": {"pairs": args.pairs, "max_field_chars": args.max_field_chars, "batch_rows": args.batch_rows,
+                   "seed": args.seed, "repeats": args.repeats,
+                   "input": "bench/clean_throughput.py build_raw, written as TRL-standard JSONL (pipeline_scale.py)"},
+        "input": written, "bulk": best["bulk"], "lines": best["lines"], "runs": runs, "same_rows": same,
+        "ratio_pairs_per_s": ratio,
+    }, args.out)
+    print(f"saved {saved}")
+    return 0 if same else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
