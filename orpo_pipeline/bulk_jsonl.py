@@ -1,9 +1,10 @@
 """JSON Lines files read a batch of lines at a time, with Arrow's JSON reader wherever it gives the same rows.
 
 Parsing every line with Python's `json` and checking each record in Python costs ~13-16 µs a pair, which made
-ingest the slowest step at millions of pairs. For the most common shape, TRL-standard text pairs
-(`{"prompt": str, "chosen": str, "rejected": str}`, plus plain extra keys such as ids), Arrow parses runs of
-lines in C++ on every core and the raw-table rows are built column-wise. A line goes the bulk way only when
+ingest the slowest step at millions of pairs. For the most common shape, text pairs (`{"prompt": str, "chosen":
+str, "rejected": str}`: trl_standard, or ultrafeedback with score pairs at top level or under `metadata`, plus
+plain extra keys such as ids), Arrow parses runs of lines in C++ on every core and the raw-table rows are built
+column-wise. A line goes the bulk way only when
 that gives the row `ingest` gives it line by line; every other line is read by `ingest`'s line reader, which
 names the bad line, field and reason exactly as before (the two are compared on random bytes in
 tests/test_bulk_jsonl.py):
@@ -36,27 +37,75 @@ import pyarrow.json as pa_json
 from orpo_pipeline import ingest
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
-# keys whose value changes the row (a system prompt, scores): only null ones go in bulk
-_ROW_KEYS = {"system", "metadata", *(k for pair in ingest.SCORE_KEYS for k in pair)}
+BULK_FORMATS = ("trl_standard", "ultrafeedback")  # ultrafeedback with text answers is read as trl_standard + scores
+_SCORE_NAMES = {k for pair in ingest.SCORE_KEYS for k in pair}
 _SCALARS = {str: pa.string(), bool: pa.bool_(), int: pa.int64(), type(None): pa.null()}
 
 
+def _arrow_type(key: str, value, nested: bool) -> pa.DataType | None:
+    """The type a key's values must have in every line, from its value in the first record; None: no bulk."""
+    if key in _SCORE_NAMES:
+        # a float column: Arrow's conversion, like Python's float(), rounds correctly; an integer of over 4,300
+        # digits (an error in Python) overflows to inf, and non-finite scores go line by line
+        return pa.float64() if value is None or type(value) in (int, float) else None
+    if key == "metadata" and not nested:
+        if value is None:
+            return pa.null()
+        if not isinstance(value, dict):
+            return None
+        fields = [(k, _arrow_type(k, v, True)) for k, v in value.items()]
+        return None if any(t is None for _, t in fields) else pa.struct(fields)
+    if key == "system" and not nested:
+        return pa.null() if value is None else None  # a system prompt changes the row: such files go line by line
+    if type(value) not in _SCALARS or type(value) is int and not -2**63 <= value < 2**63:
+        return None  # floats too: Python rejects an integer of over 4,300 digits that Arrow would read as one
+    return _SCALARS[type(value)]
+
+
 def parse_options(record: dict) -> pa_json.ParseOptions | None:
-    """Arrow's schema for the lines of a TRL-standard file whose first such record is `record`: the three texts,
-    and its other keys (ids, sources, ...) typed as there, so a line whose extra key changes type, or that has a
-    key `record` lacks, is refused and read line by line. None where the file's lines cannot go in bulk: a key
-    that changes the row (scores, system prompt) is always set, or an extra value is not a plain scalar (floats
-    included: Python rejects an integer of over 4,300 digits that Arrow would read as a float)."""
+    """Arrow's schema for the lines of a file whose first TRL-standard record is `record`: the three texts, score
+    pairs (top level or under `metadata`) as floats, and its other keys (ids, sources, ...) typed as there, so a
+    line whose key changes type, or that has a key `record` lacks, is refused and read line by line. None where
+    the file cannot go in bulk: a system prompt, a non-numeric score, or an extra value that is not a plain
+    scalar."""
     fields = [(name, pa.string()) for name in TEXT_FIELDS]
     for key, value in record.items():
-        if key in TEXT_FIELDS:
-            continue
-        if key in _ROW_KEYS and value is not None or type(value) not in _SCALARS:
-            return None
-        if type(value) is int and not -2**63 <= value < 2**63:
-            return None
-        fields.append((key, _SCALARS[type(value)]))
+        if key not in TEXT_FIELDS:
+            fields.append((key, _arrow_type(key, value, False)))
+    if any(t is None for _, t in fields):
+        return None
     return pa_json.ParseOptions(explicit_schema=pa.schema(fields), unexpected_field_behavior="error")
+
+
+def _scores(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ingest._scores over the rows: the first score pair with both halves set, top level then `metadata`; and
+    which rows the line reader must take: a pair with one half set (Python tells a null half, which makes the row
+    scoreless, from a missing one, which it skips, and Arrow does not) or a non-finite score (an error)."""
+    n = table.num_rows
+    chosen, rejected = np.full(n, np.nan), np.full(n, np.nan)
+    found, slow = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    places = [table] + ([table.column("metadata").combine_chunks()] if "metadata" in table.column_names
+                        and pa.types.is_struct(table.column("metadata").type) else [])
+    for place in places:
+        names = place.column_names if isinstance(place, pa.Table) else [f.name for f in place.type]
+        for c, r in ingest.SCORE_KEYS:
+            if c not in names and r not in names:
+                continue
+            halves = []
+            for key in (c, r):
+                if key not in names:
+                    halves.append(np.full(n, np.nan))
+                    continue
+                # flatten: a field is null where its struct is
+                column = place.column(key) if isinstance(place, pa.Table) else place.flatten()[names.index(key)]
+                halves.append(np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64))
+            set_c, set_r = ~np.isnan(halves[0]), ~np.isnan(halves[1])
+            slow |= (set_c ^ set_r) & ~found
+            take = set_c & set_r & ~found & ~slow
+            chosen[take], rejected[take] = halves[0][take], halves[1][take]
+            found |= take
+    slow |= found & ~(np.isfinite(chosen) & np.isfinite(rejected))
+    return chosen, rejected, slow
 
 
 _ROW = re.compile(r" in row (\d+)$")
@@ -118,8 +167,8 @@ def _pieces(shaped: np.ndarray) -> list[tuple[int, int]]:
     return [(a, min(a + most, hi)) for lo, hi in zip(edges[::2], edges[1::2]) for a in range(lo, hi, most)]
 
 
-def _bulk(data: bytes, ends: np.ndarray, first_row: int, source: str, parse: pa_json.ParseOptions
-          ) -> tuple[pl.DataFrame | None, np.ndarray]:
+def _bulk(data: bytes, ends: np.ndarray, first_row: int, source: str, parse: pa_json.ParseOptions,
+          fmt: str = "trl_standard") -> tuple[pl.DataFrame | None, np.ndarray]:
     """The rows of the lines Arrow reads as the line reader would, and the indices of the lines left to it."""
     b = np.frombuffer(data, dtype=np.uint8)
     starts, shaped = _starts(ends), _shaped(b, ends)
@@ -136,15 +185,16 @@ def _bulk(data: bytes, ends: np.ndarray, first_row: int, source: str, parse: pa_
         return None, np.sort(refused)
     table, at = pa.concat_tables(parsed), np.concatenate([r for d in done for r in d[1]])
     table.validate(full=True)  # Arrow's JSON reader does not check UTF-8; Python's decoder does
-    # a null text is a "missing field" reject: the line reader words the error (the row keys are typed null)
-    null = np.zeros(table.num_rows, dtype=bool)
+    # a null text is a "missing field" reject: the line reader words the error
+    score_chosen, score_rejected, slow = _scores(table)
     for f in TEXT_FIELDS:
         if table.column(f).null_count:
-            null |= table.column(f).combine_chunks().is_null().to_numpy(zero_copy_only=False)
-    kept = pl.from_arrow(table.select(list(TEXT_FIELDS)))
-    if null.any():
-        kept = kept.filter(pl.Series(~null))
-    return _pairs_table(kept, first_row + at[~null], source), np.sort(np.concatenate([refused, at[null]]))
+            slow |= table.column(f).combine_chunks().is_null().to_numpy(zero_copy_only=False)
+    kept = pl.from_arrow(table.select(list(TEXT_FIELDS))).with_columns(
+        score_chosen=pl.Series(score_chosen).fill_nan(None), score_rejected=pl.Series(score_rejected).fill_nan(None))
+    if slow.any():
+        kept = kept.filter(pl.Series(~slow))
+    return _pairs_table(kept, first_row + at[~slow], source, fmt), np.sort(np.concatenate([refused, at[slow]]))
 
 
 def batch_table(data: bytes, ends: np.ndarray, first_row: int, source: str, fmt: str,
@@ -153,9 +203,9 @@ def batch_table(data: bytes, ends: np.ndarray, first_row: int, source: str, fmt:
     in line order. In a TRL-standard file the lines Arrow reads exactly as `ingest` would go in bulk, the others
     line by line."""
     slow, tables = np.arange(len(ends)), []
-    if len(ends) and fmt == "trl_standard" and parse is not None:
+    if len(ends) and fmt in BULK_FORMATS and parse is not None:
         try:
-            bulk, slow = _bulk(data, ends, first_row, source, parse)
+            bulk, slow = _bulk(data, ends, first_row, source, parse, fmt)
             tables = [bulk] if bulk is not None else []
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             slow = np.arange(len(ends))  # e.g. bytes that are not UTF-8 somewhere: the batch is read line by line
@@ -170,18 +220,18 @@ def batch_table(data: bytes, ends: np.ndarray, first_row: int, source: str, fmt:
     return out.sort("source_row") if len(tables) > 1 else out
 
 
-def _pairs_table(df: pl.DataFrame, rows: np.ndarray, source: str) -> pl.DataFrame:
+def _pairs_table(df: pl.DataFrame, rows: np.ndarray, source: str, fmt: str) -> pl.DataFrame:
     return df.select(
         source_file=pl.lit(source, pl.String),
         source_row=pl.Series(rows, dtype=pl.Int64),
         prompt=pl.concat_list(pl.struct(role=pl.lit("user"), content=pl.col("prompt"))),
         chosen="chosen",
         rejected="rejected",
-        score_chosen=pl.lit(None, pl.Float64),
-        score_rejected=pl.lit(None, pl.Float64),
+        score_chosen="score_chosen",
+        score_rejected="score_rejected",
         error=pl.lit(None, pl.String),
         error_reason=pl.lit(None, pl.String),
-        format=pl.lit("trl_standard"),
+        format=pl.lit(fmt),
     ).cast(ingest.RAW_SCHEMA)
 
 
@@ -285,7 +335,7 @@ def iter_jsonl_tables(path: Path, source: str, fmt: str = "auto", batch_rows: in
             return
     ingest._parser_for(fmt)  # an unknown name fails here, before any line is read
     yielded = False
-    parse = _options_for(path) if fmt == "trl_standard" else None
+    parse = _options_for(path) if fmt in BULK_FORMATS else None
     for first_row, data, ends in _line_batches(path, batch_rows):
         yielded = True
         yield batch_table(data, ends, first_row, source, fmt, parse)

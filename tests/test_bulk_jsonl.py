@@ -33,13 +33,18 @@ def _dump(obj, ascii_only: bool) -> bytes:
 
 
 # extra keys a file's lines carry besides the texts: ids and sources (bulk), and keys that change the row
+score = st.one_of(st.none(), st.integers(-10, 10), st.floats(), st.just("<digits>"), st.just("4.5"), st.booleans())
 EXTRA_VALUES = {
     "id": st.one_of(st.integers(-2**64, 2**64), st.none(), st.floats(), st.just("<digits>")),
     "source": st.one_of(text, st.none(), st.integers(0, 3)),
     "flag": st.one_of(st.booleans(), st.none()),
     "system": st.one_of(st.none(), text),
-    "score_chosen": st.one_of(st.none(), st.integers(0, 5)),
-    "metadata": st.one_of(st.none(), st.just({"score_chosen": 2, "score_rejected": 1})),
+    "score_chosen": score,
+    "score_rejected": score,
+    "chosen_rating": score,
+    "rejected_rating": score,
+    "metadata": st.one_of(st.none(), st.just("x"), st.fixed_dictionaries(
+        {}, optional={"score_chosen": score, "score_rejected": score, "source": text, "tags": st.just(["t"])})),
 }
 
 
@@ -76,7 +81,7 @@ def a_line(draw, extras=()) -> bytes:
     return line + draw(st.sampled_from([b"\n"] * 6 + [b"\r\n"]))
 
 
-lines_of_a_file = st.lists(st.sampled_from(list(EXTRA_VALUES)), max_size=3, unique=True).flatmap(
+lines_of_a_file = st.lists(st.sampled_from(list(EXTRA_VALUES)), max_size=4, unique=True).flatmap(
     lambda extras: st.lists(a_line(extras), max_size=14))
 
 
@@ -192,12 +197,36 @@ def test_a_background_appender_writes_the_same_file_and_raises_a_failed_write(tm
     assert len(calls) == 2  # the write after the failed one raised its error and wrote nothing more
 
 
-def test_only_plain_extra_keys_that_do_not_change_the_row_allow_bulk_reading():
+def test_only_plain_extra_keys_and_numeric_scores_allow_bulk_reading():
     base = {"prompt": "q", "chosen": "a", "rejected": "b"}
-    schema = parse_options({**base, "id": 7, "source": "web", "ok": True, "system": None, "note": None}).explicit_schema
+    schema = parse_options({**base, "id": 7, "source": "web", "ok": True, "system": None, "note": None,
+                            "score_chosen": 9, "score_rejected": None,
+                            "metadata": {"chosen-rating": 4.5, "rejected-rating": 1, "model": "m"}}).explicit_schema
     assert [(f.name, str(f.type)) for f in schema] == [
         ("prompt", "string"), ("chosen", "string"), ("rejected", "string"), ("id", "int64"), ("source", "string"),
-        ("ok", "bool"), ("system", "null"), ("note", "null")]
-    for extra in ({"system": "be brief"}, {"score_chosen": 2}, {"metadata": {}}, {"id": 1.5}, {"id": 2**63},
-                  {"tags": ["x"]}, {"meta": {"a": 1}}):
+        ("ok", "bool"), ("system", "null"), ("note", "null"), ("score_chosen", "double"), ("score_rejected", "double"),
+        ("metadata", "struct<chosen-rating: double, rejected-rating: double, model: string>")]
+    for extra in ({"system": "be brief"}, {"score_chosen": "2"}, {"score_chosen": True}, {"metadata": "x"},
+                  {"metadata": {"tags": ["x"]}}, {"id": 1.5}, {"id": 2**63}, {"tags": ["x"]}, {"meta": {"a": 1}}):
         assert parse_options({**base, **extra}) is None, extra
+
+
+def test_scores_read_in_bulk_are_the_line_readers(tmp_path):
+    """UltraFeedback with text answers: scores at top level or under metadata, the first complete pair wins."""
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b", "metadata": {"score_chosen": i / 3, "score_rejected": 1}}
+            for i in range(30)]
+    rows[4]["metadata"] = None
+    rows[5]["metadata"] = {"score_chosen": 2}                  # half a pair under metadata: skipped, no scores
+    rows[6]["metadata"] = {"score_chosen": 1e400, "score_rejected": 1}  # inf: an error
+    rows[7]["metadata"] = {"score_chosen": None, "score_rejected": 3}  # a null half: no scores
+    path = tmp_path / "uf.jsonl"
+    rows[8]["metadata"] = {"score_chosen": "<digits>", "score_rejected": 1}  # 5,000 digits: Python refuses the line
+    rows[9]["metadata"] = {"score_chosen": -1, "score_rejected": "<400 digits>"}  # Arrow: inf; Python: not a number
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows).replace("Infinity", "1e400")
+                    .replace('"<digits>"', "9" * 5000).replace('"<400 digits>"', "9" * 400))
+    expected = records_to_table(iter_records(path), path.name)
+    assert expected["format"].unique().to_list() == ["ultrafeedback"]
+    assert expected["score_chosen"][3] == 1.0
+    assert [e is not None for e in expected["error"][6:10]] == [True, False, True, True]
+    got = pl.concat(iter_file_tables(path, path.name, batch_rows=8))
+    assert got.equals(expected)
