@@ -1,11 +1,13 @@
-"""Ingest: one TRL-standard JSONL file parsed into raw-table batches, in bulk vs line by line.
+"""Ingest: one TRL-standard JSONL (or parquet) file parsed into raw-table batches, in bulk vs line by line.
 
 The input is pipeline_scale.py's (bench/clean_throughput.py's pairs, real ones replicated and perturbed, written
-as one JSONL file of N lines, 0.5% of them malformed). Writing it is not timed. Each method runs in its own fresh
+as one JSONL file of N lines, 0.5% of them malformed). With `--file-format parquet` the same pairs are written
+as a parquet file of prompt/chosen/rejected text columns, the malformed rows as rows with a null prompt. Writing
+it is not timed. Each method runs in its own fresh
 process and reads the whole file a batch at a time (`batch_rows`, default 50,000), as `raw_preferences` does,
 without writing anything:
 
-- "bulk" (ours): `ingest.iter_file_tables`, which parses runs of TRL-standard lines with Arrow (`bulk_jsonl`);
+- "bulk" (ours): `ingest.iter_file_tables`, which parses runs of TRL-standard lines with Arrow (`bulk_ingest`);
 - "lines" (the baseline, what ingest did before, and still does for other formats):
   `ingest.iter_tables(ingest.iter_records(path))`, `json.loads` and Python checks on each line.
 
@@ -14,6 +16,7 @@ pairs/s, peak RSS, the ratio bulk / lines.
 
     nice -n 19 .venv/bin/python bench/ingest_throughput.py                          # 2M pairs, fields cut to 256
     nice -n 19 .venv/bin/python bench/ingest_throughput.py --pairs 500000 --max-field-chars 0
+    nice -n 19 .venv/bin/python bench/ingest_throughput.py --file-format parquet
 """
 
 from __future__ import annotations
@@ -27,6 +30,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit, fmt_rate, measure, run_worker, save_result  # noqa: E402
+
+
+def write_parquet(path: Path, pairs: int, max_field_chars: int, seed: int) -> dict:
+    import polars as pl
+
+    from bench.clean_throughput import build_raw
+
+    raw = build_raw(pairs, seed=seed, max_field_chars=max_field_chars)
+    raw.select(prompt=pl.when(pl.col("error").is_null())
+               .then(pl.col("prompt").list.first().struct.field("content").fill_null("")),
+               chosen="chosen", rejected="rejected").write_parquet(path)
+    return {"pairs": pairs, "file_mb": round(path.stat().st_size / 2**20, 1),
+            "unparseable_lines": int(raw["error"].is_not_null().sum())}
 
 
 def worker(args) -> None:
@@ -58,12 +74,16 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=2_000_000)
     ap.add_argument("--max-field-chars", type=int, default=256, help="cut every real text first (0: real lengths)")
     ap.add_argument("--batch-rows", type=int, default=50_000)
+    ap.add_argument("--file-format", choices=["jsonl", "parquet"], default="jsonl")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="runs of each method; the fastest is reported")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/ingest_throughput.json)")
     ap.add_argument("--input-path", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker == "write-parquet":
+        emit(write_parquet(Path(args.input_path), args.pairs, args.max_field_chars, args.seed))
+        return 0
     if args.worker:
         worker(args)
         return 0
@@ -72,12 +92,13 @@ def main(argv=None) -> int:
     script = Path(__file__).resolve()
     tmp = Path(tempfile.mkdtemp(prefix="ingest-input-"))
     try:
-        path = tmp / "preferences.jsonl"
-        print(f"writing {args.pairs:,} pairs as JSONL (not timed) ...", flush=True)
-        written = run_worker(pipeline_scale, ["--worker", "write", "--pairs", str(args.pairs), "--input-path",
-                                              str(path), "--max-field-chars", str(args.max_field_chars),
-                                              "--seed", str(args.seed)])
-        print(f"  {written['file_mb']:,} MB, {written['unparseable_lines']:,} malformed lines", flush=True)
+        path = tmp / f"preferences.{args.file_format}"
+        print(f"writing {args.pairs:,} pairs as {args.file_format} (not timed) ...", flush=True)
+        writer = (pipeline_scale, "write") if args.file_format == "jsonl" else (script, "write-parquet")
+        written = run_worker(writer[0], ["--worker", writer[1], "--pairs", str(args.pairs), "--input-path",
+                                         str(path), "--max-field-chars", str(args.max_field_chars),
+                                         "--seed", str(args.seed)])
+        print(f"  {written['file_mb']:,} MB, {written['unparseable_lines']:,} malformed rows", flush=True)
         runs: dict[str, list[dict]] = {"bulk": [], "lines": []}
         for _ in range(args.repeats):
             for method in runs:
@@ -98,8 +119,8 @@ def main(argv=None) -> int:
           f"{best['lines']['peak_rss_mb']:,} MB")
     saved = save_result("ingest_throughput", {
         "config": {"pairs": args.pairs, "max_field_chars": args.max_field_chars, "batch_rows": args.batch_rows,
-                   "seed": args.seed, "repeats": args.repeats,
-                   "input": "bench/clean_throughput.py build_raw, written as TRL-standard JSONL (pipeline_scale.py)"},
+                   "seed": args.seed, "repeats": args.repeats, "file_format": args.file_format,
+                   "input": f"bench/clean_throughput.py build_raw, written as TRL-standard {args.file_format}"},
         "input": written, "bulk": best["bulk"], "lines": best["lines"], "runs": runs, "same_rows": same,
         "ratio_pairs_per_s": ratio,
     }, args.out)

@@ -641,12 +641,14 @@ def iter_file_tables(
     column_mapping: dict[str, str] | None = None,
     batch_rows: int = BATCH_ROWS,
 ) -> Iterator[pl.DataFrame]:
-    """`iter_tables(iter_records(path), …)`: the same rows; JSON Lines files of TRL-standard pairs are parsed in
-    bulk (`bulk_jsonl`), several times faster."""
-    if Path(path).name.lower().endswith((".jsonl", ".jsonl.gz")) and not column_mapping:
-        from orpo_pipeline.bulk_jsonl import iter_jsonl_tables
+    """`iter_tables(iter_records(path), …)`: the same rows; text pairs in JSON Lines and parquet files are read in
+    bulk (`bulk_ingest`), several times faster."""
+    name = Path(path).name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".parquet")) and not column_mapping:
+        from orpo_pipeline import bulk_ingest
 
-        return iter_jsonl_tables(Path(path), source, fmt, batch_rows)
+        read = bulk_ingest.iter_parquet_tables if name.endswith(".parquet") else bulk_ingest.iter_jsonl_tables
+        return read(Path(path), source, fmt, batch_rows)
     return iter_tables(iter_records(path), source, fmt, column_mapping, batch_rows)
 
 

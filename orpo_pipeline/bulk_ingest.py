@@ -1,13 +1,15 @@
-"""JSON Lines files read a batch of lines at a time, with Arrow's JSON reader wherever it gives the same rows.
+"""Preference files read in bulk wherever that gives the rows `ingest` gives record by record.
+
+JSON Lines (below) go through Arrow's JSON reader a batch of lines at a time; parquet batches (at the end) are
+typed already, so their text pairs are built column-wise and only odd rows go record by record.
 
 Parsing every line with Python's `json` and checking each record in Python costs ~13-16 µs a pair, which made
 ingest the slowest step at millions of pairs. For the most common shape, text pairs (`{"prompt": str, "chosen":
 str, "rejected": str}`: trl_standard, or ultrafeedback with score pairs at top level or under `metadata`, plus
 plain extra keys such as ids), Arrow parses runs of lines in C++ on every core and the raw-table rows are built
-column-wise. A line goes the bulk way only when
-that gives the row `ingest` gives it line by line; every other line is read by `ingest`'s line reader, which
-names the bad line, field and reason exactly as before (the two are compared on random bytes in
-tests/test_bulk_jsonl.py):
+column-wise. A line goes the bulk way only when that gives the row `ingest` gives it line by line; every other
+line is read by `ingest`'s line reader, which names the bad line, field and reason exactly as before (the two
+are compared on random files in tests/test_bulk_ingest.py):
 
 - the line is one `{…}` (blank lines, leading blanks, a BOM or one object split over lines go line by line);
 - Arrow parses it under the file's schema (`parse_options`): a missing text or a null comes back null and goes
@@ -77,34 +79,45 @@ def parse_options(record: dict) -> pa_json.ParseOptions | None:
     return pa_json.ParseOptions(explicit_schema=pa.schema(fields), unexpected_field_behavior="error")
 
 
-def _scores(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ingest._scores over the rows: the first score pair with both halves set, top level then `metadata`; and
-    which rows the line reader must take: a pair with one half set (Python tells a null half, which makes the row
-    scoreless, from a missing one, which it skips, and Arrow does not) or a non-finite score (an error)."""
-    n = table.num_rows
+Place = dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (values as float64, null mask), for one score place
+
+
+def _arrow_places(table: pa.Table) -> list[Place]:
+    """The score places of parsed JSON lines: top level, then `metadata` (flattened: a field is null where its
+    struct is)."""
+    def floats(column) -> tuple[np.ndarray, np.ndarray]:
+        null = column.is_null().to_numpy(zero_copy_only=False)
+        return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64), null
+
+    top = {k: floats(table.column(k)) for k in table.column_names if k in _SCORE_NAMES}
+    meta = table.column("metadata") if "metadata" in table.column_names else None
+    if meta is None or not pa.types.is_struct(meta.type):
+        return [top]
+    struct = meta.combine_chunks()
+    return [top, {f.name: floats(a) for f, a in zip(struct.type, struct.flatten()) if f.name in _SCORE_NAMES}]
+
+
+def _pick_scores(places: list[Place], n: int, halves_known: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ingest._scores over the rows: the first score pair, top level then `metadata`, whose keys are both there
+    and that has a half set; no scores if a half is null. Returns (chosen, rejected) with NaN for no scores, and
+    the rows the line reader must take: a non-finite score (an error there) and, unless `halves_known` (every row
+    has every key, as in a parquet file), a pair with one half set: in JSON Lines a null half may be a missing
+    key, which Python skips where a null ends the search, and Arrow does not tell them apart."""
     chosen, rejected = np.full(n, np.nan), np.full(n, np.nan)
-    found, slow = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-    places = [table] + ([table.column("metadata").combine_chunks()] if "metadata" in table.column_names
-                        and pa.types.is_struct(table.column("metadata").type) else [])
+    decided, scored, slow = (np.zeros(n, dtype=bool) for _ in range(3))
     for place in places:
-        names = place.column_names if isinstance(place, pa.Table) else [f.name for f in place.type]
         for c, r in ingest.SCORE_KEYS:
-            if c not in names and r not in names:
+            if c not in place or r not in place:
                 continue
-            halves = []
-            for key in (c, r):
-                if key not in names:
-                    halves.append(np.full(n, np.nan))
-                    continue
-                # flatten: a field is null where its struct is
-                column = place.column(key) if isinstance(place, pa.Table) else place.flatten()[names.index(key)]
-                halves.append(np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64))
-            set_c, set_r = ~np.isnan(halves[0]), ~np.isnan(halves[1])
-            slow |= (set_c ^ set_r) & ~found
-            take = set_c & set_r & ~found & ~slow
-            chosen[take], rejected[take] = halves[0][take], halves[1][take]
-            found |= take
-    slow |= found & ~(np.isfinite(chosen) & np.isfinite(rejected))
+            (value_c, null_c), (value_r, null_r) = place[c], place[r]
+            hit = ~(null_c & null_r) & ~decided & ~slow
+            both = hit & ~null_c & ~null_r
+            if not halves_known:
+                slow |= hit & ~both
+            decided |= hit if halves_known else both
+            chosen[both], rejected[both] = value_c[both], value_r[both]
+            scored |= both
+    slow |= scored & ~(np.isfinite(chosen) & np.isfinite(rejected))
     return chosen, rejected, slow
 
 
@@ -186,7 +199,11 @@ def _bulk(data: bytes, ends: np.ndarray, first_row: int, source: str, parse: pa_
     table, at = pa.concat_tables(parsed), np.concatenate([r for d in done for r in d[1]])
     table.validate(full=True)  # Arrow's JSON reader does not check UTF-8; Python's decoder does
     # a null text is a "missing field" reject: the line reader words the error
-    score_chosen, score_rejected, slow = _scores(table)
+    places = _arrow_places(table)
+    score_chosen, score_rejected, slow = _pick_scores(places, table.num_rows, halves_known=False)
+    for value, null in (v for place in places for v in place.values()):
+        # inf is how Arrow reads an integer of 309+ digits; past 4,300 digits Python refuses the whole line
+        slow |= ~null & ~np.isfinite(value)
     for f in TEXT_FIELDS:
         if table.column(f).null_count:
             slow |= table.column(f).combine_chunks().is_null().to_numpy(zero_copy_only=False)
@@ -339,5 +356,107 @@ def iter_jsonl_tables(path: Path, source: str, fmt: str = "auto", batch_rows: in
     for first_row, data, ends in _line_batches(path, batch_rows):
         yielded = True
         yield batch_table(data, ends, first_row, source, fmt, parse)
+    if not yielded:
+        yield ingest.records_to_table([], source, fmt)
+
+
+# ---- parquet: the columns are typed already, so a whole column either can go in bulk or cannot
+
+
+def _numeric(dtype: pl.DataType) -> bool:
+    return dtype.is_numeric() and not dtype.is_decimal() or dtype == pl.Null
+
+
+def _frame_can_go_in_bulk(schema: pl.Schema) -> bool:
+    """Columns whose every value ingest's parser reads the same way: text answers, numeric scores (top level or
+    in a `metadata` struct; a non-struct `metadata` is ignored there too), a text `system` (rows that set it go
+    row by row)."""
+    if any(schema.get(f) != pl.String for f in TEXT_FIELDS):
+        return False
+    if any(k in schema and not _numeric(schema[k]) for k in _SCORE_NAMES):
+        return False
+    meta = schema.get("metadata")
+    if isinstance(meta, pl.Struct) and any(f.name in _SCORE_NAMES and not _numeric(f.dtype) for f in meta.fields):
+        return False
+    return schema.get("system", pl.Null) in (pl.String, pl.Null)
+
+
+def _polars_places(df: pl.DataFrame) -> list[Place]:
+    def floats(column: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+        return column.cast(pl.Float64).fill_null(np.nan).to_numpy(), column.is_null().to_numpy()
+
+    places = [{k: floats(df[k]) for k in df.columns if k in _SCORE_NAMES}]
+    if isinstance(df.schema.get("metadata"), pl.Struct):  # read from parquet, a null struct's fields are null
+        meta = df["metadata"]
+        places.append({f.name: floats(meta.struct.field(f.name)) for f in meta.dtype.fields if f.name in _SCORE_NAMES})
+    return places
+
+
+def frame_table(df: pl.DataFrame, first_row: int, source: str, fmt: str) -> pl.DataFrame:
+    """The raw-table rows of parquet rows `df` (numbered first_row, first_row + 1, …): in bulk where the columns
+    allow it, the rows with a null text, a system prompt or a non-finite score (and every row otherwise) through
+    ingest's record parser, as `pl.from_arrow(batch).iter_rows(named=True)` hands them to it."""
+    slow = np.ones(df.height, dtype=bool)
+    tables = []
+    if fmt in BULK_FORMATS and df.height and _frame_can_go_in_bulk(df.schema):
+        chosen, rejected, slow = _pick_scores(_polars_places(df), df.height, halves_known=True)
+        for f in (*TEXT_FIELDS, *(["system"] if "system" in df.columns else [])):
+            slow |= (df[f].is_null() if f in TEXT_FIELDS else df[f].is_not_null()).to_numpy()
+        kept = df.select(TEXT_FIELDS).with_columns(score_chosen=pl.Series(chosen).fill_nan(None),
+                                                   score_rejected=pl.Series(rejected).fill_nan(None))
+        if slow.any():
+            kept = kept.filter(pl.Series(~slow))
+        tables.append(_pairs_table(kept, first_row + np.flatnonzero(~slow), source, fmt))
+    if slow.any():
+        rows = df.filter(pl.Series(slow)) if not slow.all() else df
+        numbers = (first_row + np.flatnonzero(slow)).tolist()
+        tables.append(ingest.records_to_table(zip(numbers, rows.iter_rows(named=True)), source, fmt))
+    if not tables:
+        return ingest.records_to_table([], source, fmt)
+    out = pl.concat(tables)
+    return out.sort("source_row") if len(tables) > 1 else out
+
+
+def _parquet_frames(path: Path, batch_rows: int) -> Iterator[pl.DataFrame]:
+    """ingest._iter_parquet's batches and its errors, as frames."""
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several error types for a damaged file
+        raise ingest.PreferenceFormatError(f"{path}: unreadable parquet: {e}") from e
+    n, batches = 0, reader.iter_batches(batch_size=batch_rows)
+    while True:
+        try:
+            batch = next(batches, None)
+            frame = None if batch is None else pl.from_arrow(batch)
+        except Exception as e:
+            raise ingest.PreferenceFormatError(f"{path}: unreadable parquet after row {n}: {e}") from e
+        if frame is None:
+            return
+        yield frame
+        n += frame.height
+
+
+def iter_parquet_tables(path: Path, source: str, fmt: str = "auto", batch_rows: int = ingest.BATCH_ROWS
+                        ) -> Iterator[pl.DataFrame]:
+    """`ingest.iter_tables(ingest.iter_records(path), source, fmt)` for a .parquet file: the same rows (tested),
+    `batch_rows` rows at a time, text pairs built column-wise."""
+    path = Path(path)
+    if fmt == "auto":
+        records = ingest._iter_parquet(path)
+        try:
+            fmt = ingest._detect(records, source)[0]
+        finally:
+            records.close()
+        if fmt is None:  # an empty file
+            yield from ingest.iter_tables(ingest._iter_parquet(path), source, "auto", batch_rows=batch_rows)
+            return
+    ingest._parser_for(fmt)
+    first_row, yielded = 1, False
+    for frame in _parquet_frames(path, batch_rows):
+        yield frame_table(frame, first_row, source, fmt)
+        first_row += frame.height
+        yielded = True
     if not yielded:
         yield ingest.records_to_table([], source, fmt)

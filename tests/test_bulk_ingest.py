@@ -1,4 +1,4 @@
-"""JSON Lines read in bulk (`bulk_jsonl`) give exactly the rows the line-by-line reader gives, for any bytes."""
+"""JSON Lines read in bulk (`bulk_ingest`) give exactly the rows the line-by-line reader gives, for any bytes."""
 
 import gzip
 import json
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orpo_pipeline import bulk_jsonl
-from orpo_pipeline.bulk_jsonl import _bulk, batch_table, parse_options
+from orpo_pipeline import bulk_ingest
+from orpo_pipeline.bulk_ingest import _bulk, batch_table, parse_options
 from orpo_pipeline.ingest import (
     PreferenceFormatError,
     iter_file_tables,
@@ -88,10 +88,10 @@ lines_of_a_file = st.lists(st.sampled_from(list(EXTRA_VALUES)), max_size=4, uniq
 @SETTINGS
 @given(lines=lines_of_a_file, batch_rows=st.sampled_from([1, 2, 3, 5, 1000]),
        fmt=st.sampled_from(["auto", "trl_standard"]), last_newline=st.booleans(), gz=st.booleans(),
-       read_bytes=st.sampled_from([1, 7, 64, bulk_jsonl.READ_BYTES]))
+       read_bytes=st.sampled_from([1, 7, 64, bulk_ingest.READ_BYTES]))
 def test_bulk_reading_gives_the_rows_of_line_by_line_reading(tmp_path, monkeypatch, lines, batch_rows, fmt,
                                                              last_newline, gz, read_bytes):
-    monkeypatch.setattr(bulk_jsonl, "READ_BYTES", read_bytes)  # lines cut across the reader's blocks
+    monkeypatch.setattr(bulk_ingest, "READ_BYTES", read_bytes)  # lines cut across the reader's blocks
     data = b"".join(lines)
     if not last_newline:
         data = data.rstrip(b"\r\n")
@@ -156,7 +156,7 @@ def test_a_large_clean_file_is_read_in_bulk_batches(tmp_path):
 
 
 def test_a_truncated_gzip_file_fails_naming_the_file_after_its_readable_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(bulk_jsonl, "READ_BYTES", 1 << 16)
+    monkeypatch.setattr(bulk_ingest, "READ_BYTES", 1 << 16)
     rng = np.random.default_rng(0)
     packed = gzip.compress(b"".join(json.dumps({"prompt": str(rng.random()), "chosen": "a", "rejected": "b"}).encode()
                                     + b"\n" for _ in range(20_000)))
@@ -230,3 +230,73 @@ def test_scores_read_in_bulk_are_the_line_readers(tmp_path):
     assert [e is not None for e in expected["error"][6:10]] == [True, False, True, True]
     got = pl.concat(iter_file_tables(path, path.name, batch_rows=8))
     assert got.equals(expected)
+
+
+# ---- parquet
+
+storable = st.one_of(st.text(st.characters(exclude_categories=["Cs"]), max_size=8),
+                     st.sampled_from([t for t in TRICKY if "\ud800" not in t and "\udfff" not in t]))
+maybe_text = st.one_of(st.none(), storable)
+maybe_number = st.one_of(st.none(), st.integers(-5, 5), st.floats(), st.just(float("nan")), st.just(float("inf")))
+COLUMNS = {  # column -> (dtype, values), a few alternatives each
+    "prompt": [(pl.String, maybe_text), (pl.Int64, st.one_of(st.none(), st.integers(0, 3)))],
+    "chosen": [(pl.String, maybe_text), (pl.List(pl.String), st.one_of(st.none(), st.lists(storable, max_size=2)))],
+    "rejected": [(pl.String, maybe_text)],
+    "score_chosen": [(pl.Float64, maybe_number), (pl.Int32, st.one_of(st.none(), st.integers(-5, 5))),
+                     (pl.String, maybe_text), (pl.Boolean, st.one_of(st.none(), st.booleans()))],
+    "score_rejected": [(pl.Float64, maybe_number), (pl.Int64, st.one_of(st.none(), st.integers(-5, 5)))],
+    "chosen_rating": [(pl.Float32, maybe_number)],
+    "rejected_rating": [(pl.Float64, maybe_number)],
+    "metadata": [(pl.Struct({"score_chosen": pl.Float64, "score_rejected": pl.Int64, "model": pl.String}),
+                  st.one_of(st.none(), st.fixed_dictionaries({"score_chosen": maybe_number,
+                                                              "score_rejected": st.one_of(st.none(), st.integers(-2**63, 2**63 - 1)),
+                                                              "model": maybe_text}))),
+                 (pl.String, maybe_text)],
+    "system": [(pl.String, maybe_text), (pl.Int64, st.one_of(st.none(), st.integers(-2**63, 2**63 - 1)))],
+    "id": [(pl.Int64, st.one_of(st.none(), st.integers(-2**63, 2**63 - 1)))],
+}
+
+
+@st.composite
+def a_parquet_table(draw) -> pl.DataFrame:
+    names = ["prompt", "chosen", "rejected"] + draw(st.lists(st.sampled_from(list(COLUMNS)[3:]), max_size=4,
+                                                                unique=True))
+    n = draw(st.integers(0, 9))
+    columns = {}
+    for name in names:
+        dtype, values = draw(st.sampled_from(COLUMNS[name][:1] * 4 + COLUMNS[name][1:]))
+        columns[name] = pl.Series(name, draw(st.lists(values, min_size=n, max_size=n)), dtype=dtype, strict=False)
+    return pl.DataFrame(columns)
+
+
+@SETTINGS
+@given(table=a_parquet_table(), batch_rows=st.sampled_from([1, 2, 3, 1000]),
+       fmt=st.sampled_from(["auto", "trl_standard", "ultrafeedback"]))
+def test_bulk_parquet_reading_gives_the_rows_of_row_by_row_reading(tmp_path, table, batch_rows, fmt):
+    path = tmp_path / "p.parquet"
+    table.write_parquet(path)
+    try:
+        expected = records_to_table(iter_records(path), path.name, fmt)
+    except PreferenceFormatError as e:
+        with pytest.raises(PreferenceFormatError) as got:
+            pl.concat(iter_file_tables(path, path.name, fmt, batch_rows=batch_rows))
+        assert str(got.value) == str(e)
+        return
+    tables = list(iter_file_tables(path, path.name, fmt, batch_rows=batch_rows))
+    assert all(t.height <= batch_rows for t in tables)
+    assert pl.concat(tables).equals(expected)
+
+
+def test_a_parquet_file_of_text_pairs_goes_in_bulk_with_only_its_odd_rows_row_by_row(tmp_path):
+    n = 2_000
+    table = pl.DataFrame({"prompt": [f"q{i}" for i in range(n)], "chosen": ["a"] * n, "rejected": ["b"] * n,
+                          "metadata": [{"score_chosen": i % 7, "score_rejected": 3.5} for i in range(n)]})
+    table = table.with_columns(prompt=pl.when(pl.int_range(n) == 5).then(None).otherwise("prompt"))
+    path = tmp_path / "uf.parquet"
+    table.write_parquet(path)
+    from orpo_pipeline.bulk_ingest import frame_table
+
+    out = frame_table(table, 1, "uf.parquet", "ultrafeedback")
+    assert out.equals(records_to_table(iter_records(path), "uf.parquet"))
+    assert out["error"].drop_nulls().to_list() == ["uf.parquet:6: missing field 'prompt'"]
+    assert out["score_chosen"][:3].to_list() == [0.0, 1.0, 2.0]
