@@ -1,21 +1,19 @@
 """Preference files read in bulk wherever that gives the rows `ingest` gives record by record.
 
-JSON Lines (below) go through Arrow's JSON reader a batch of lines at a time; parquet batches (at the end) are
-typed already, so their text pairs are built column-wise and only odd rows go record by record.
+JSON Lines go through Arrow's JSON reader a batch of lines at a time; parquet batches (at the end) are typed
+already. Either way the typed records become raw-table rows column-wise in `bulk_pairs`, which hands back the
+records it cannot build exactly as ingest's parser would; those are parsed record by record, with the same
+errors as before. Parsing every record in Python costs ~13-20 µs a pair, which made ingest the slowest step at
+millions of pairs.
 
-Parsing every line with Python's `json` and checking each record in Python costs ~13-16 µs a pair, which made
-ingest the slowest step at millions of pairs. For the most common shape, text pairs (`{"prompt": str, "chosen":
-str, "rejected": str}`: trl_standard, or ultrafeedback with score pairs at top level or under `metadata`, plus
-plain extra keys such as ids), Arrow parses runs of lines in C++ on every core and the raw-table rows are built
-column-wise. A line goes the bulk way only when that gives the row `ingest` gives it line by line; every other
-line is read by `ingest`'s line reader, which names the bad line, field and reason exactly as before (the two
-are compared on random files in tests/test_bulk_ingest.py):
+A JSON line goes to Arrow only when it cannot come out different there (the two readers are compared on random
+files in tests/test_bulk_ingest.py):
 
 - the line is one `{…}` (blank lines, leading blanks, a BOM or one object split over lines go line by line);
-- Arrow parses it under the file's schema (`parse_options`): a missing text or a null comes back null and goes
-  line by line; a number, list or object where text belongs, a duplicate or unknown key, a control character
-  or a lone surrogate is an Arrow error, whose row index names the line, and the parse resumes after it; a
-  run of lines that yields more rows than lines (two objects on a line) goes line by line;
+- Arrow parses it under the file's schema (`parse_options`, from its first record): a missing key comes back
+  null, which bulk_pairs sends back; a number, list or object where text belongs, a duplicate or unknown key,
+  a control character or a lone surrogate is an Arrow error, whose row index names the line, and the parse
+  resumes after it; a run of lines that yields more rows than lines (two objects on a line) goes line by line;
 - its strings are valid UTF-8 (Arrow's JSON reader does not check; Python's decoder rejects the line). A batch
   with bytes that are not, or an error Arrow gives without a row, goes line by line.
 """
@@ -37,16 +35,15 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 
 from orpo_pipeline import ingest
+from orpo_pipeline.bulk_pairs import BULK_FORMATS, SCORE_NAMES, TEXT_FIELDS, bulk_rows
 
-TEXT_FIELDS = ("prompt", "chosen", "rejected")
-BULK_FORMATS = ("trl_standard", "ultrafeedback")  # ultrafeedback with text answers is read as trl_standard + scores
-_SCORE_NAMES = {k for pair in ingest.SCORE_KEYS for k in pair}
 _SCALARS = {str: pa.string(), bool: pa.bool_(), int: pa.int64(), type(None): pa.null()}
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 def _arrow_type(key: str, value, nested: bool) -> pa.DataType | None:
     """The type a key's values must have in every line, from its value in the first record; None: no bulk."""
-    if key in _SCORE_NAMES:
+    if key in SCORE_NAMES:
         # a float column: Arrow's conversion, like Python's float(), rounds correctly; an integer of over 4,300
         # digits (an error in Python) overflows to inf, and non-finite scores go line by line
         return pa.float64() if value is None or type(value) in (int, float) else None
@@ -59,66 +56,28 @@ def _arrow_type(key: str, value, nested: bool) -> pa.DataType | None:
         return None if any(t is None for _, t in fields) else pa.struct(fields)
     if key == "system" and not nested:
         return pa.null() if value is None else None  # a system prompt changes the row: such files go line by line
+    if key in TEXT_FIELDS and not nested:
+        if isinstance(value, list) and key != "prompt":
+            keys = {k for m in value if isinstance(m, dict) for k in m}
+            ok = all(isinstance(m, dict) for m in value) and keys <= {"role", "content"}
+            return _MESSAGES if ok else None
+        return pa.string() if value is None or isinstance(value, str) else None
     if type(value) not in _SCALARS or type(value) is int and not -2**63 <= value < 2**63:
         return None  # floats too: Python rejects an integer of over 4,300 digits that Arrow would read as one
     return _SCALARS[type(value)]
 
 
 def parse_options(record: dict) -> pa_json.ParseOptions | None:
-    """Arrow's schema for the lines of a file whose first TRL-standard record is `record`: the three texts, score
-    pairs (top level or under `metadata`) as floats, and its other keys (ids, sources, ...) typed as there, so a
-    line whose key changes type, or that has a key `record` lacks, is refused and read line by line. None where
-    the file cannot go in bulk: a system prompt, a non-numeric score, or an extra value that is not a plain
-    scalar."""
-    fields = [(name, pa.string()) for name in TEXT_FIELDS]
-    for key, value in record.items():
-        if key not in TEXT_FIELDS:
-            fields.append((key, _arrow_type(key, value, False)))
+    """Arrow's schema for the lines of a file whose first pair is `record`: the prompt as text, the answers as
+    text or {role, content} message lists, score pairs (top level or under `metadata`) as floats, and its other
+    keys (ids, sources, ...) typed as there, so a line whose key changes type, or that has a key `record` lacks,
+    is refused and read line by line. None where the file cannot go in bulk: a system prompt, a non-numeric
+    score, a message list as prompt, or an extra value that is not a plain scalar."""
+    fields = [(key, _arrow_type(key, record.get(key), False)) for key in TEXT_FIELDS]
+    fields += [(key, _arrow_type(key, value, False)) for key, value in record.items() if key not in TEXT_FIELDS]
     if any(t is None for _, t in fields):
         return None
     return pa_json.ParseOptions(explicit_schema=pa.schema(fields), unexpected_field_behavior="error")
-
-
-Place = dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (values as float64, null mask), for one score place
-
-
-def _arrow_places(table: pa.Table) -> list[Place]:
-    """The score places of parsed JSON lines: top level, then `metadata` (flattened: a field is null where its
-    struct is)."""
-    def floats(column) -> tuple[np.ndarray, np.ndarray]:
-        null = column.is_null().to_numpy(zero_copy_only=False)
-        return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64), null
-
-    top = {k: floats(table.column(k)) for k in table.column_names if k in _SCORE_NAMES}
-    meta = table.column("metadata") if "metadata" in table.column_names else None
-    if meta is None or not pa.types.is_struct(meta.type):
-        return [top]
-    struct = meta.combine_chunks()
-    return [top, {f.name: floats(a) for f, a in zip(struct.type, struct.flatten()) if f.name in _SCORE_NAMES}]
-
-
-def _pick_scores(places: list[Place], n: int, halves_known: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ingest._scores over the rows: the first score pair, top level then `metadata`, whose keys are both there
-    and that has a half set; no scores if a half is null. Returns (chosen, rejected) with NaN for no scores, and
-    the rows the line reader must take: a non-finite score (an error there) and, unless `halves_known` (every row
-    has every key, as in a parquet file), a pair with one half set: in JSON Lines a null half may be a missing
-    key, which Python skips where a null ends the search, and Arrow does not tell them apart."""
-    chosen, rejected = np.full(n, np.nan), np.full(n, np.nan)
-    decided, scored, slow = (np.zeros(n, dtype=bool) for _ in range(3))
-    for place in places:
-        for c, r in ingest.SCORE_KEYS:
-            if c not in place or r not in place:
-                continue
-            (value_c, null_c), (value_r, null_r) = place[c], place[r]
-            hit = ~(null_c & null_r) & ~decided & ~slow
-            both = hit & ~null_c & ~null_r
-            if not halves_known:
-                slow |= hit & ~both
-            decided |= hit if halves_known else both
-            chosen[both], rejected[both] = value_c[both], value_r[both]
-            scored |= both
-    slow |= scored & ~(np.isfinite(chosen) & np.isfinite(rejected))
-    return chosen, rejected, slow
 
 
 _ROW = re.compile(r" in row (\d+)$")
@@ -198,20 +157,8 @@ def _bulk(data: bytes, ends: np.ndarray, first_row: int, source: str, parse: pa_
         return None, np.sort(refused)
     table, at = pa.concat_tables(parsed), np.concatenate([r for d in done for r in d[1]])
     table.validate(full=True)  # Arrow's JSON reader does not check UTF-8; Python's decoder does
-    # a null text is a "missing field" reject: the line reader words the error
-    places = _arrow_places(table)
-    score_chosen, score_rejected, slow = _pick_scores(places, table.num_rows, halves_known=False)
-    for value, null in (v for place in places for v in place.values()):
-        # inf is how Arrow reads an integer of 309+ digits; past 4,300 digits Python refuses the whole line
-        slow |= ~null & ~np.isfinite(value)
-    for f in TEXT_FIELDS:
-        if table.column(f).null_count:
-            slow |= table.column(f).combine_chunks().is_null().to_numpy(zero_copy_only=False)
-    kept = pl.from_arrow(table.select(list(TEXT_FIELDS))).with_columns(
-        score_chosen=pl.Series(score_chosen).fill_nan(None), score_rejected=pl.Series(score_rejected).fill_nan(None))
-    if slow.any():
-        kept = kept.filter(pl.Series(~slow))
-    return _pairs_table(kept, first_row + at[~slow], source, fmt), np.sort(np.concatenate([refused, at[slow]]))
+    bulk, slow = bulk_rows(pl.from_arrow(table), first_row + at, source, fmt, halves_known=False)
+    return bulk, np.sort(np.concatenate([refused, at[slow]]))
 
 
 def batch_table(data: bytes, ends: np.ndarray, first_row: int, source: str, fmt: str,
@@ -235,21 +182,6 @@ def batch_table(data: bytes, ends: np.ndarray, first_row: int, source: str, fmt:
         return ingest.records_to_table([], source, fmt)
     out = pl.concat(tables)
     return out.sort("source_row") if len(tables) > 1 else out
-
-
-def _pairs_table(df: pl.DataFrame, rows: np.ndarray, source: str, fmt: str) -> pl.DataFrame:
-    return df.select(
-        source_file=pl.lit(source, pl.String),
-        source_row=pl.Series(rows, dtype=pl.Int64),
-        prompt=pl.concat_list(pl.struct(role=pl.lit("user"), content=pl.col("prompt"))),
-        chosen="chosen",
-        rejected="rejected",
-        score_chosen="score_chosen",
-        score_rejected="score_rejected",
-        error=pl.lit(None, pl.String),
-        error_reason=pl.lit(None, pl.String),
-        format=pl.lit(fmt),
-    ).cast(ingest.RAW_SCHEMA)
 
 
 READ_BYTES = 1 << 22
@@ -326,11 +258,10 @@ def _mapped_batches(path: Path, batch_rows: int) -> Iterator[tuple[int, memoryvi
 
 
 def _options_for(path: Path) -> pa_json.ParseOptions | None:
-    """parse_options for the file's first record that looks TRL-standard."""
-    is_standard = ingest.FORMATS["trl_standard"][0]
+    """parse_options for the file's first record with both answers."""
     records = ingest._iter_jsonl(path)
     try:
-        first = next((r for _, r in records if isinstance(r, dict) and is_standard(set(r), r)), None)
+        first = next((r for _, r in records if isinstance(r, dict) and {"chosen", "rejected"} <= set(r)), None)
     finally:
         records.close()
     return parse_options(first) if first is not None else None
@@ -363,54 +294,16 @@ def iter_jsonl_tables(path: Path, source: str, fmt: str = "auto", batch_rows: in
 # ---- parquet: the columns are typed already, so a whole column either can go in bulk or cannot
 
 
-def _numeric(dtype: pl.DataType) -> bool:
-    return dtype.is_numeric() and not dtype.is_decimal() or dtype == pl.Null
-
-
-def _frame_can_go_in_bulk(schema: pl.Schema) -> bool:
-    """Columns whose every value ingest's parser reads the same way: text answers, numeric scores (top level or
-    in a `metadata` struct; a non-struct `metadata` is ignored there too), a text `system` (rows that set it go
-    row by row)."""
-    if any(schema.get(f) != pl.String for f in TEXT_FIELDS):
-        return False
-    if any(k in schema and not _numeric(schema[k]) for k in _SCORE_NAMES):
-        return False
-    meta = schema.get("metadata")
-    if isinstance(meta, pl.Struct) and any(f.name in _SCORE_NAMES and not _numeric(f.dtype) for f in meta.fields):
-        return False
-    return schema.get("system", pl.Null) in (pl.String, pl.Null)
-
-
-def _polars_places(df: pl.DataFrame) -> list[Place]:
-    def floats(column: pl.Series) -> tuple[np.ndarray, np.ndarray]:
-        return column.cast(pl.Float64).fill_null(np.nan).to_numpy(), column.is_null().to_numpy()
-
-    places = [{k: floats(df[k]) for k in df.columns if k in _SCORE_NAMES}]
-    if isinstance(df.schema.get("metadata"), pl.Struct):  # read from parquet, a null struct's fields are null
-        meta = df["metadata"]
-        places.append({f.name: floats(meta.struct.field(f.name)) for f in meta.dtype.fields if f.name in _SCORE_NAMES})
-    return places
-
-
 def frame_table(df: pl.DataFrame, first_row: int, source: str, fmt: str) -> pl.DataFrame:
-    """The raw-table rows of parquet rows `df` (numbered first_row, first_row + 1, …): in bulk where the columns
-    allow it, the rows with a null text, a system prompt or a non-finite score (and every row otherwise) through
-    ingest's record parser, as `pl.from_arrow(batch).iter_rows(named=True)` hands them to it."""
-    slow = np.ones(df.height, dtype=bool)
-    tables = []
-    if fmt in BULK_FORMATS and df.height and _frame_can_go_in_bulk(df.schema):
-        chosen, rejected, slow = _pick_scores(_polars_places(df), df.height, halves_known=True)
-        for f in (*TEXT_FIELDS, *(["system"] if "system" in df.columns else [])):
-            slow |= (df[f].is_null() if f in TEXT_FIELDS else df[f].is_not_null()).to_numpy()
-        kept = df.select(TEXT_FIELDS).with_columns(score_chosen=pl.Series(chosen).fill_nan(None),
-                                                   score_rejected=pl.Series(rejected).fill_nan(None))
-        if slow.any():
-            kept = kept.filter(pl.Series(~slow))
-        tables.append(_pairs_table(kept, first_row + np.flatnonzero(~slow), source, fmt))
+    """The raw-table rows of parquet rows `df` (numbered first_row, first_row + 1, …): in bulk where bulk_rows
+    can, the others through ingest's record parser, as `pl.from_arrow(batch).iter_rows(named=True)` hands them to
+    it in ingest._iter_parquet."""
+    numbers = np.arange(first_row, first_row + df.height)
+    bulk, slow = bulk_rows(df, numbers, source, fmt, halves_known=True)
+    tables = [bulk] if bulk is not None else []
     if slow.any():
         rows = df.filter(pl.Series(slow)) if not slow.all() else df
-        numbers = (first_row + np.flatnonzero(slow)).tolist()
-        tables.append(ingest.records_to_table(zip(numbers, rows.iter_rows(named=True)), source, fmt))
+        tables.append(ingest.records_to_table(zip(numbers[slow].tolist(), rows.iter_rows(named=True)), source, fmt))
     if not tables:
         return ingest.records_to_table([], source, fmt)
     out = pl.concat(tables)

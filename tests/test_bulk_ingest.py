@@ -49,9 +49,31 @@ EXTRA_VALUES = {
 
 
 @st.composite
-def a_line(draw, extras=()) -> bytes:
-    """A TRL-standard line with some of `extras`, mostly good, sometimes broken in one of the ways files break."""
-    pair = {"prompt": draw(text), "chosen": draw(text), "rejected": draw(text)}
+def a_conversation(draw, texts) -> dict:
+    """prompt / chosen / rejected as a conversation: mostly well formed (a shared history, assistant answers, a
+    prompt that may repeat the first user turn), sometimes not, in each way the parser checks."""
+    roles = st.sampled_from(["user", "assistant", "system", "tool", "Assistant", None])
+    message = st.fixed_dictionaries({"role": roles, "content": st.one_of(texts, st.none())})
+    if not draw(st.integers(0, 9)):
+        message = st.one_of(message, st.none(), st.just({"role": "user"}), st.just({"from": "human", "value": "q"}),
+                            st.just({"role": "user", "content": "q", "name": "x"}), st.just({"role": "user", "content": 1}))
+    history = draw(st.lists(message, max_size=3))
+    answer = st.fixed_dictionaries({"role": st.sampled_from(["assistant"] * 6 + ["user", None]), "content": texts})
+    chosen = history + draw(st.lists(answer, min_size=1, max_size=1) if draw(st.integers(0, 9)) else st.just([]))
+    rejected = (history if draw(st.integers(0, 5)) else draw(st.lists(message, max_size=2))) + [draw(answer)]
+    users = [m.get("content") for m in history if isinstance(m, dict) and m.get("role") == "user"]
+    first = users[0] if users and isinstance(users[0], str) else "q"
+    prompt = draw(st.one_of(texts, st.none(), st.sampled_from([first, f" {first}\n", f"\x1c{first}", f"{first}."])))
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+@st.composite
+def a_line(draw, extras=(), conversational=False) -> bytes:
+    """A pair line with some of `extras`, mostly good, sometimes broken in one of the ways files break."""
+    pair = draw(a_conversation(text)) if conversational else {
+        "prompt": draw(text), "chosen": draw(text), "rejected": draw(text)}
+    if conversational and not draw(st.integers(0, 4)):
+        del pair["prompt"]
     pair.update({k: draw(EXTRA_VALUES[k]) for k in extras if draw(st.integers(0, 9))})
     line = _dump(pair, draw(st.booleans()))
     kind = draw(st.integers(0, 30))
@@ -81,13 +103,14 @@ def a_line(draw, extras=()) -> bytes:
     return line + draw(st.sampled_from([b"\n"] * 6 + [b"\r\n"]))
 
 
-lines_of_a_file = st.lists(st.sampled_from(list(EXTRA_VALUES)), max_size=4, unique=True).flatmap(
-    lambda extras: st.lists(a_line(extras), max_size=14))
+lines_of_a_file = st.tuples(st.lists(st.sampled_from(list(EXTRA_VALUES)), max_size=4, unique=True),
+                            st.booleans()).flatmap(lambda a: st.lists(a_line(*a), max_size=14))
 
 
 @SETTINGS
 @given(lines=lines_of_a_file, batch_rows=st.sampled_from([1, 2, 3, 5, 1000]),
-       fmt=st.sampled_from(["auto", "trl_standard"]), last_newline=st.booleans(), gz=st.booleans(),
+       fmt=st.sampled_from(["auto", "trl_standard", "trl_conversational", "ultrafeedback"]),
+       last_newline=st.booleans(), gz=st.booleans(),
        read_bytes=st.sampled_from([1, 7, 64, bulk_ingest.READ_BYTES]))
 def test_bulk_reading_gives_the_rows_of_line_by_line_reading(tmp_path, monkeypatch, lines, batch_rows, fmt,
                                                              last_newline, gz, read_bytes):
@@ -238,6 +261,8 @@ storable = st.one_of(st.text(st.characters(exclude_categories=["Cs"]), max_size=
                      st.sampled_from([t for t in TRICKY if "\ud800" not in t and "\udfff" not in t]))
 maybe_text = st.one_of(st.none(), storable)
 maybe_number = st.one_of(st.none(), st.integers(-5, 5), st.floats(), st.just(float("nan")), st.just(float("inf")))
+TEXT = ("prompt", "chosen", "rejected")
+MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
 COLUMNS = {  # column -> (dtype, values), a few alternatives each
     "prompt": [(pl.String, maybe_text), (pl.Int64, st.one_of(st.none(), st.integers(0, 3)))],
     "chosen": [(pl.String, maybe_text), (pl.List(pl.String), st.one_of(st.none(), st.lists(storable, max_size=2)))],
@@ -263,6 +288,17 @@ def a_parquet_table(draw) -> pl.DataFrame:
                                                                 unique=True))
     n = draw(st.integers(0, 9))
     columns = {}
+    if draw(st.booleans()):  # conversations: message lists (their odd messages are nulls, not other types)
+        rows = [draw(a_conversation(storable)) for _ in range(n)]
+        for row in rows:
+            for key in ("chosen", "rejected"):
+                row[key] = [m if m is None else {"role": m.get("role"), "content": m.get("content")}
+                            for m in row[key] if m is None or isinstance(m.get("content", ""), str | None)]
+        columns["chosen"] = pl.Series("chosen", [r["chosen"] for r in rows], dtype=MESSAGES)
+        columns["rejected"] = pl.Series("rejected", [r["rejected"] for r in rows], dtype=MESSAGES)
+        if draw(st.integers(0, 4)):
+            columns["prompt"] = pl.Series("prompt", [r["prompt"] for r in rows], dtype=pl.String)
+        names = [k for k in names if k not in TEXT]
     for name in names:
         dtype, values = draw(st.sampled_from(COLUMNS[name][:1] * 4 + COLUMNS[name][1:]))
         columns[name] = pl.Series(name, draw(st.lists(values, min_size=n, max_size=n)), dtype=dtype, strict=False)
@@ -271,7 +307,7 @@ def a_parquet_table(draw) -> pl.DataFrame:
 
 @SETTINGS
 @given(table=a_parquet_table(), batch_rows=st.sampled_from([1, 2, 3, 1000]),
-       fmt=st.sampled_from(["auto", "trl_standard", "ultrafeedback"]))
+       fmt=st.sampled_from(["auto", "trl_standard", "ultrafeedback", "trl_conversational"]))
 def test_bulk_parquet_reading_gives_the_rows_of_row_by_row_reading(tmp_path, table, batch_rows, fmt):
     path = tmp_path / "p.parquet"
     table.write_parquet(path)
@@ -300,3 +336,35 @@ def test_a_parquet_file_of_text_pairs_goes_in_bulk_with_only_its_odd_rows_row_by
     assert out.equals(records_to_table(iter_records(path), "uf.parquet"))
     assert out["error"].drop_nulls().to_list() == ["uf.parquet:6: missing field 'prompt'"]
     assert out["score_chosen"][:3].to_list() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_conversations_read_in_bulk_are_the_parsers(tmp_path, ext):
+    """trl_conversational rows: the prompt is added unless it repeats the first user turn (compared as Python
+    strips, where U+001C is whitespace), the last turns are the answers, and faulty rows get the parser's error."""
+    from orpo_pipeline.bulk_pairs import bulk_rows
+
+    def conv(prompt, last="assistant", other_history=False):
+        history = [{"role": "system", "content": "s"}, {"role": "user", "content": " q "}]
+        return {"prompt": prompt, "chosen": [*history, {"role": last, "content": "a"}],
+                "rejected": [*(history[:1] if other_history else history), {"role": "assistant", "content": "b"}]}
+
+    rows = [conv("q"), conv("\x1cq"), conv("other"), conv(None), conv("q", last="user"), conv("q", other_history=True)]
+    rows = rows * 50
+    path = tmp_path / f"c.{ext}"
+    if ext == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pl.DataFrame(rows).write_parquet(path)
+    expected = records_to_table(iter_records(path), path.name)
+    assert expected["format"].unique().to_list() == ["trl_conversational"]
+    assert expected["prompt"][:4].to_list() == [
+        [{"role": "system", "content": "s"}, {"role": "user", "content": " q "}],
+        [{"role": "system", "content": "s"}, {"role": "user", "content": " q "}],
+        [{"role": "user", "content": "other"}, {"role": "system", "content": "s"}, {"role": "user", "content": " q "}],
+        [{"role": "system", "content": "s"}, {"role": "user", "content": " q "}]]
+    assert expected["error"][4:6].is_not_null().all()
+    assert pl.concat(iter_file_tables(path, path.name, batch_rows=100)).equals(expected)
+    _, slow = bulk_rows(pl.read_parquet(path) if ext == "parquet" else pl.read_ndjson(path),
+                        np.arange(1, len(rows) + 1), path.name, "trl_conversational", halves_known=ext == "parquet")
+    assert np.flatnonzero(slow).tolist() == [i for i in range(len(rows)) if i % 6 in (1, 4, 5)]
