@@ -2,8 +2,9 @@
 
 The input is pipeline_scale.py's (bench/clean_throughput.py's pairs, real ones replicated and perturbed, written
 as one JSONL file of N lines, 0.5% of them malformed). With `--file-format parquet` the same pairs are written
-as a parquet file of prompt/chosen/rejected text columns, the malformed rows as rows with a null prompt. Writing
-it is not timed. Each method runs in its own fresh
+as a parquet file of prompt/chosen/rejected text columns, the malformed rows as rows with a null prompt. With
+`--shape conversational` the answers are [user, assistant] message lists, as in HF's ultrafeedback_binarized
+(malformed rows: null answers). Writing it is not timed. Each method runs in its own fresh
 process and reads the whole file a batch at a time (`batch_rows`, default 50,000), as `raw_preferences` does,
 without writing anything:
 
@@ -17,6 +18,7 @@ pairs/s, peak RSS, the ratio bulk / lines.
     nice -n 19 .venv/bin/python bench/ingest_throughput.py                          # 2M pairs, fields cut to 256
     nice -n 19 .venv/bin/python bench/ingest_throughput.py --pairs 500000 --max-field-chars 0
     nice -n 19 .venv/bin/python bench/ingest_throughput.py --file-format parquet
+    nice -n 19 .venv/bin/python bench/ingest_throughput.py --shape conversational [--file-format parquet]
 """
 
 from __future__ import annotations
@@ -32,15 +34,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import emit, fmt_rate, measure, run_worker, save_result  # noqa: E402
 
 
-def write_parquet(path: Path, pairs: int, max_field_chars: int, seed: int) -> dict:
+def write_input(path: Path, pairs: int, max_field_chars: int, seed: int, file_format: str, shape: str) -> dict:
+    """The pairs as parquet, or as conversational JSONL (TRL-standard JSONL is pipeline_scale.py's writer)."""
     import polars as pl
 
     from bench.clean_throughput import build_raw
 
     raw = build_raw(pairs, seed=seed, max_field_chars=max_field_chars)
-    raw.select(prompt=pl.when(pl.col("error").is_null())
-               .then(pl.col("prompt").list.first().struct.field("content").fill_null("")),
-               chosen="chosen", rejected="rejected").write_parquet(path)
+    ok = pl.col("error").is_null()
+    prompt = pl.col("prompt").list.first().struct.field("content").fill_null("")
+    if shape == "standard":
+        table = raw.select(prompt=pl.when(ok).then(prompt), chosen="chosen", rejected="rejected")
+    else:  # as HF's ultrafeedback_binarized: the prompt, then [user, assistant] turns as the answers
+        def turns(answer: str) -> pl.Expr:
+            return pl.when(ok).then(pl.concat_list(pl.struct(role=pl.lit("user"), content=prompt),
+                                                   pl.struct(role=pl.lit("assistant"), content=answer)))
+        table = raw.select(prompt=prompt, chosen=turns("chosen"), rejected=turns("rejected"))
+    if file_format == "parquet":
+        table.write_parquet(path)
+    else:
+        table.write_ndjson(path)
     return {"pairs": pairs, "file_mb": round(path.stat().st_size / 2**20, 1),
             "unparseable_lines": int(raw["error"].is_not_null().sum())}
 
@@ -75,14 +88,17 @@ def main(argv=None) -> int:
     ap.add_argument("--max-field-chars", type=int, default=256, help="cut every real text first (0: real lengths)")
     ap.add_argument("--batch-rows", type=int, default=50_000)
     ap.add_argument("--file-format", choices=["jsonl", "parquet"], default="jsonl")
+    ap.add_argument("--shape", choices=["standard", "conversational"], default="standard",
+                    help="answers as text, or as [user, assistant] message lists")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="runs of each method; the fastest is reported")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/ingest_throughput.json)")
     ap.add_argument("--input-path", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.worker == "write-parquet":
-        emit(write_parquet(Path(args.input_path), args.pairs, args.max_field_chars, args.seed))
+    if args.worker == "write-input":
+        emit(write_input(Path(args.input_path), args.pairs, args.max_field_chars, args.seed, args.file_format,
+                         args.shape))
         return 0
     if args.worker:
         worker(args)
@@ -94,10 +110,13 @@ def main(argv=None) -> int:
     try:
         path = tmp / f"preferences.{args.file_format}"
         print(f"writing {args.pairs:,} pairs as {args.file_format} (not timed) ...", flush=True)
-        writer = (pipeline_scale, "write") if args.file_format == "jsonl" else (script, "write-parquet")
-        written = run_worker(writer[0], ["--worker", writer[1], "--pairs", str(args.pairs), "--input-path",
-                                         str(path), "--max-field-chars", str(args.max_field_chars),
-                                         "--seed", str(args.seed)])
+        common = ["--pairs", str(args.pairs), "--input-path", str(path), "--max-field-chars",
+                  str(args.max_field_chars), "--seed", str(args.seed)]
+        if args.file_format == "jsonl" and args.shape == "standard":
+            written = run_worker(pipeline_scale, ["--worker", "write", *common])
+        else:
+            written = run_worker(script, ["--worker", "write-input", "--file-format", args.file_format,
+                                          "--shape", args.shape, *common])
         print(f"  {written['file_mb']:,} MB, {written['unparseable_lines']:,} malformed rows", flush=True)
         runs: dict[str, list[dict]] = {"bulk": [], "lines": []}
         for _ in range(args.repeats):
@@ -119,8 +138,8 @@ def main(argv=None) -> int:
           f"{best['lines']['peak_rss_mb']:,} MB")
     saved = save_result("ingest_throughput", {
         "config": {"pairs": args.pairs, "max_field_chars": args.max_field_chars, "batch_rows": args.batch_rows,
-                   "seed": args.seed, "repeats": args.repeats, "file_format": args.file_format,
-                   "input": f"bench/clean_throughput.py build_raw, written as TRL-standard {args.file_format}"},
+                   "seed": args.seed, "repeats": args.repeats, "file_format": args.file_format, "shape": args.shape,
+                   "input": f"bench/clean_throughput.py build_raw, written as {args.shape} {args.file_format}"},
         "input": written, "bulk": best["bulk"], "lines": best["lines"], "runs": runs, "same_rows": same,
         "ratio_pairs_per_s": ratio,
     }, args.out)
