@@ -26,6 +26,20 @@ TRICKY = ["", " ", "\ud800", "\udfff", "\U0001f600", "e\u0301", "\u00a0x\u200b",
 text = st.one_of(st.text(max_size=8), st.sampled_from(TRICKY))
 
 
+def assert_bulk_reads_as_records(path, fmt: str, batch_rows: int) -> None:
+    """iter_file_tables (bulk) gives the table, or the error, of the record-by-record reader, in batches."""
+    try:
+        expected = records_to_table(iter_records(path), path.name, fmt)
+    except PreferenceFormatError as e:
+        with pytest.raises(PreferenceFormatError) as got:
+            pl.concat(iter_file_tables(path, path.name, fmt, batch_rows=batch_rows))
+        assert str(got.value) == str(e)
+        return
+    tables = list(iter_file_tables(path, path.name, fmt, batch_rows=batch_rows))
+    assert all(t.height <= batch_rows for t in tables)
+    assert pl.concat(tables).equals(expected)
+
+
 def _dump(obj, ascii_only: bool) -> bytes:
     """JSON of obj; the text "<digits>" stands for an integer of 5,000 digits, which Python's json rejects."""
     line = json.dumps(obj, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
@@ -120,16 +134,7 @@ def test_bulk_reading_gives_the_rows_of_line_by_line_reading(tmp_path, monkeypat
         data = data.rstrip(b"\r\n")
     path = tmp_path / ("p.jsonl.gz" if gz else "p.jsonl")
     path.write_bytes(gzip.compress(data) if gz else data)
-    try:
-        expected = records_to_table(iter_records(path), path.name, fmt)
-    except PreferenceFormatError as e:
-        with pytest.raises(PreferenceFormatError) as got:
-            pl.concat(iter_file_tables(path, path.name, fmt, batch_rows=batch_rows))
-        assert str(got.value) == str(e)
-        return
-    tables = list(iter_file_tables(path, path.name, fmt, batch_rows=batch_rows))
-    assert all(t.height <= batch_rows for t in tables)
-    assert pl.concat(tables).equals(expected)
+    assert_bulk_reads_as_records(path, fmt, batch_rows)
 
 
 def _batch(lines):
@@ -311,16 +316,7 @@ def a_parquet_table(draw) -> pl.DataFrame:
 def test_bulk_parquet_reading_gives_the_rows_of_row_by_row_reading(tmp_path, table, batch_rows, fmt):
     path = tmp_path / "p.parquet"
     table.write_parquet(path)
-    try:
-        expected = records_to_table(iter_records(path), path.name, fmt)
-    except PreferenceFormatError as e:
-        with pytest.raises(PreferenceFormatError) as got:
-            pl.concat(iter_file_tables(path, path.name, fmt, batch_rows=batch_rows))
-        assert str(got.value) == str(e)
-        return
-    tables = list(iter_file_tables(path, path.name, fmt, batch_rows=batch_rows))
-    assert all(t.height <= batch_rows for t in tables)
-    assert pl.concat(tables).equals(expected)
+    assert_bulk_reads_as_records(path, fmt, batch_rows)
 
 
 def test_a_parquet_file_of_text_pairs_goes_in_bulk_with_only_its_odd_rows_row_by_row(tmp_path):
