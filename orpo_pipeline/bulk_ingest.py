@@ -251,7 +251,7 @@ def _mapped_batches(path: Path, batch_rows: int) -> Iterator[tuple[int, memoryvi
         lineno += len(cut)
         done = start + int(cut[-1]) + 1
         page = mmap.PAGESIZE
-        if done // page > start // page:
+        if done // page > start // page and hasattr(mapped, "madvise"):  # not on Windows
             mapped.madvise(mmap.MADV_DONTNEED, start // page * page, (done // page - start // page) * page)
         start = done
     # no mapped.close(): a caller may still hold the last batch's view; the map goes with the last view
@@ -331,24 +331,36 @@ def _parquet_frames(path: Path, batch_rows: int) -> Iterator[pl.DataFrame]:
         n += frame.height
 
 
-def iter_parquet_tables(path: Path, source: str, fmt: str = "auto", batch_rows: int = ingest.BATCH_ROWS
-                        ) -> Iterator[pl.DataFrame]:
-    """`ingest.iter_tables(ingest.iter_records(path), source, fmt)` for a .parquet file: the same rows (tested),
-    `batch_rows` rows at a time, text pairs built column-wise."""
+def renamed(df: pl.DataFrame, column_mapping: dict[str, str] | None) -> pl.DataFrame:
+    """ingest._rename on every row: mapped columns dropped, then each target set from its source (a later
+    mapping to the same target wins). Exact for parquet, where every row has every column."""
+    if not column_mapping:
+        return df
+    out = df.drop([c for c in column_mapping if c in df.columns])
+    for src, dst in column_mapping.items():
+        if src in df.columns:
+            out = out.with_columns(df[src].alias(dst))
+    return out
+
+
+def iter_parquet_tables(path: Path, source: str, fmt: str = "auto", batch_rows: int = ingest.BATCH_ROWS,
+                        column_mapping: dict[str, str] | None = None) -> Iterator[pl.DataFrame]:
+    """`ingest.iter_tables(ingest.iter_records(path), source, fmt, column_mapping)` for a .parquet file: the same
+    rows (tested), `batch_rows` rows at a time, pairs built column-wise."""
     path = Path(path)
     if fmt == "auto":
         records = ingest._iter_parquet(path)
         try:
-            fmt = ingest._detect(records, source)[0]
+            fmt = ingest._detect(((n, ingest._rename(r, column_mapping)) for n, r in records), source)[0]
         finally:
             records.close()
         if fmt is None:  # an empty file
-            yield from ingest.iter_tables(ingest._iter_parquet(path), source, "auto", batch_rows=batch_rows)
+            yield from ingest.iter_tables(ingest._iter_parquet(path), source, "auto", column_mapping, batch_rows)
             return
     ingest._parser_for(fmt)
     first_row, yielded = 1, False
     for frame in _parquet_frames(path, batch_rows):
-        yield frame_table(frame, first_row, source, fmt)
+        yield frame_table(renamed(frame, column_mapping), first_row, source, fmt)
         first_row += frame.height
         yielded = True
     if not yielded:

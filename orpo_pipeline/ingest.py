@@ -644,11 +644,14 @@ def iter_file_tables(
     """`iter_tables(iter_records(path), …)`: the same rows; text pairs in JSON Lines and parquet files are read in
     bulk (`bulk_ingest`), several times faster."""
     name = Path(path).name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz", ".parquet")) and not column_mapping:
-        from orpo_pipeline import bulk_ingest
+    if name.endswith(".parquet"):
+        from orpo_pipeline.bulk_ingest import iter_parquet_tables
 
-        read = bulk_ingest.iter_parquet_tables if name.endswith(".parquet") else bulk_ingest.iter_jsonl_tables
-        return read(Path(path), source, fmt, batch_rows)
+        return iter_parquet_tables(Path(path), source, fmt, batch_rows, column_mapping)
+    if name.endswith((".jsonl", ".jsonl.gz")) and not column_mapping:  # a missing key and a null look alike there
+        from orpo_pipeline.bulk_ingest import iter_jsonl_tables
+
+        return iter_jsonl_tables(Path(path), source, fmt, batch_rows)
     return iter_tables(iter_records(path), source, fmt, column_mapping, batch_rows)
 
 

@@ -26,16 +26,16 @@ TRICKY = ["", " ", "\ud800", "\udfff", "\U0001f600", "e\u0301", "\u00a0x\u200b",
 text = st.one_of(st.text(max_size=8), st.sampled_from(TRICKY))
 
 
-def assert_bulk_reads_as_records(path, fmt: str, batch_rows: int) -> None:
+def assert_bulk_reads_as_records(path, fmt: str, batch_rows: int, column_mapping: dict | None = None) -> None:
     """iter_file_tables (bulk) gives the table, or the error, of the record-by-record reader, in batches."""
     try:
-        expected = records_to_table(iter_records(path), path.name, fmt)
+        expected = records_to_table(iter_records(path), path.name, fmt, column_mapping)
     except PreferenceFormatError as e:
         with pytest.raises(PreferenceFormatError) as got:
-            pl.concat(iter_file_tables(path, path.name, fmt, batch_rows=batch_rows))
+            pl.concat(iter_file_tables(path, path.name, fmt, column_mapping, batch_rows=batch_rows))
         assert str(got.value) == str(e)
         return
-    tables = list(iter_file_tables(path, path.name, fmt, batch_rows=batch_rows))
+    tables = list(iter_file_tables(path, path.name, fmt, column_mapping, batch_rows=batch_rows))
     assert all(t.height <= batch_rows for t in tables)
     assert pl.concat(tables).equals(expected)
 
@@ -310,13 +310,23 @@ def a_parquet_table(draw) -> pl.DataFrame:
     return pl.DataFrame(columns)
 
 
+ALIASES = {"prompt": "question", "chosen": "good", "rejected": "bad", "metadata": "meta", "score_chosen": "s1"}
+
+
 @SETTINGS
 @given(table=a_parquet_table(), batch_rows=st.sampled_from([1, 2, 3, 1000]),
-       fmt=st.sampled_from(["auto", "trl_standard", "ultrafeedback", "trl_conversational"]))
-def test_bulk_parquet_reading_gives_the_rows_of_row_by_row_reading(tmp_path, table, batch_rows, fmt):
+       fmt=st.sampled_from(["auto", "trl_standard", "ultrafeedback", "trl_conversational"]),
+       renames=st.lists(st.sampled_from(list(ALIASES)), unique=True, max_size=3),
+       odd_mapping=st.dictionaries(st.sampled_from([*COLUMNS, "question", "absent"]), st.sampled_from(list(COLUMNS)),
+                                   max_size=2))
+def test_bulk_parquet_reading_gives_the_rows_of_row_by_row_reading(tmp_path, table, batch_rows, fmt, renames,
+                                                                   odd_mapping):
+    """Also with a column_mapping: columns renamed in the file and mapped back, and arbitrary mappings (to a
+    column that exists, from one that does not, two to one)."""
     path = tmp_path / "p.parquet"
-    table.write_parquet(path)
-    assert_bulk_reads_as_records(path, fmt, batch_rows)
+    table.rename({k: ALIASES[k] for k in renames if k in table.columns}).write_parquet(path)
+    mapping = {ALIASES[k]: k for k in renames} | (odd_mapping if len(renames) < 2 else {})
+    assert_bulk_reads_as_records(path, fmt, batch_rows, mapping or None)
 
 
 def test_a_parquet_file_of_text_pairs_goes_in_bulk_with_only_its_odd_rows_row_by_row(tmp_path):
