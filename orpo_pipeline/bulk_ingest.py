@@ -164,7 +164,7 @@ def _bulk(data: bytes, ends: np.ndarray, first_row: int, source: str, parse: pa_
 def batch_table(data: bytes, ends: np.ndarray, first_row: int, source: str, fmt: str,
                 parse: pa_json.ParseOptions | None) -> pl.DataFrame:
     """The raw-table rows of the lines in `data` (line i ends at ends[i], a newline, and is numbered first_row + i),
-    in line order. In a TRL-standard file the lines Arrow reads exactly as `ingest` would go in bulk, the others
+    in line order. In a file of pairs (BULK_FORMATS) the lines Arrow and bulk_rows read as `ingest` would go in bulk, the others
     line by line."""
     slow, tables = np.arange(len(ends)), []
     if len(ends) and fmt in BULK_FORMATS and parse is not None:
@@ -270,7 +270,7 @@ def _options_for(path: Path) -> pa_json.ParseOptions | None:
 def iter_jsonl_tables(path: Path, source: str, fmt: str = "auto", batch_rows: int = ingest.BATCH_ROWS
                       ) -> Iterator[pl.DataFrame]:
     """`ingest.iter_tables(ingest.iter_records(path), source, fmt)` for a .jsonl / .jsonl.gz file: the same rows
-    (tested), a batch of `batch_rows` lines at a time, TRL-standard lines parsed in bulk."""
+    (tested), a batch of `batch_rows` lines at a time, the lines of pairs parsed in bulk."""
     path = Path(path)
     if fmt == "auto":
         records = ingest._iter_jsonl(path)
