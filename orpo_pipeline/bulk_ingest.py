@@ -164,8 +164,8 @@ def _bulk(data: bytes, ends: np.ndarray, first_row: int, source: str, parse: pa_
 def batch_table(data: bytes, ends: np.ndarray, first_row: int, source: str, fmt: str,
                 parse: pa_json.ParseOptions | None) -> pl.DataFrame:
     """The raw-table rows of the lines in `data` (line i ends at ends[i], a newline, and is numbered first_row + i),
-    in line order. In a file of pairs (BULK_FORMATS) the lines Arrow and bulk_rows read as `ingest` would go in bulk, the others
-    line by line."""
+    in line order. In a file of pairs (BULK_FORMATS) the lines that Arrow and bulk_rows read as `ingest` would go
+    in bulk, the others line by line."""
     slow, tables = np.arange(len(ends)), []
     if len(ends) and fmt in BULK_FORMATS and parse is not None:
         try:
