@@ -604,35 +604,25 @@ def clean_parquet_file(path: Path, out_dir: Path, batch_rows: int = 50_000,
     a batch at a time (write into an atomic_dir's temp folder); `progress(rows_done, rows_total)` after each batch.
     Returns clean_in_batches' totals.
 
-    A batch is written on a second thread while the next one is cleaned (parquet encoding is a third of the time,
-    and the cleaning leaves part of the cores idle); at most one batch waits to be written. On 500k real-length
-    pairs, 50k-row batches peaked at 1.6-2.5 GB and 250k-row ones at 4.6 GB, at the same speed."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
+    Each file is written on a thread of its own while the next batch is cleaned (parquet encoding is a third of
+    the time, and the cleaning leaves part of the cores idle); at most one batch waits to be written. On 500k
+    real-length pairs, 50k-row batches peaked at 1.6-2.5 GB and 250k-row ones at 4.6 GB, at the same speed."""
     import pyarrow.parquet as pq
 
     from .storage import ParquetAppender
 
     total, done = pq.ParquetFile(path).metadata.num_rows, 0
-    pending: Future | None = None
-    with ParquetAppender(out_dir / "train.parquet") as train, ParquetAppender(out_dir / "eval.parquet") as eval_, \
-            ParquetAppender(out_dir / "rejects.parquet") as rejects, ThreadPoolExecutor(max_workers=1) as writer:
-        def write_tables(result: CleanResult) -> None:
+    with ParquetAppender(out_dir / "train.parquet", background=True) as train, \
+            ParquetAppender(out_dir / "eval.parquet", background=True) as eval_, \
+            ParquetAppender(out_dir / "rejects.parquet", background=True) as rejects:
+        def write(i: int, result: CleanResult) -> None:
+            nonlocal done
             train.write(result.train)
             eval_.write(result.eval)
             rejects.write(result.rejects)
-
-        def write(i: int, result: CleanResult) -> None:
-            nonlocal done, pending
-            if pending is not None:
-                pending.result()  # raises what the writer raised
-            pending = writer.submit(write_tables, result)
             done += result.kept.height + result.rejects.height
             if progress is not None:
                 progress(done, total)
 
         # only the columns cleaning reads: decoding the raw table's others (format) cost 0.5 CPU-s at 2M rows
-        totals = clean_in_batches(parquet_batches(Path(path), batch_rows, _INPUT_COLUMNS), write, **kwargs)
-        if pending is not None:
-            pending.result()
-        return totals
+        return clean_in_batches(parquet_batches(Path(path), batch_rows, _INPUT_COLUMNS), write, **kwargs)
