@@ -161,6 +161,14 @@ def _bulk(data: bytes, ends: np.ndarray, first_row: int, source: str, parse: pa_
     return bulk, np.sort(np.concatenate([refused, at[slow]]))
 
 
+def _in_row_order(tables: list[pl.DataFrame], source: str, fmt: str) -> pl.DataFrame:
+    """The bulk rows and the record-by-record rows of a batch as one table in source order."""
+    if not tables:
+        return ingest.records_to_table([], source, fmt)
+    out = pl.concat(tables)
+    return out.sort("source_row") if len(tables) > 1 else out
+
+
 def batch_table(data: bytes, ends: np.ndarray, first_row: int, source: str, fmt: str,
                 parse: pa_json.ParseOptions | None) -> pl.DataFrame:
     """The raw-table rows of the lines in `data` (line i ends at ends[i], a newline, and is numbered first_row + i),
@@ -178,10 +186,7 @@ def batch_table(data: bytes, ends: np.ndarray, first_row: int, source: str, fmt:
         lines = ((first_row + i, bytes(data[starts[i]:ends[i] + 1])) for i in slow.tolist())
         records = ((n, ingest._decode_json_line(line, n == 1)) for n, line in lines if line.strip())
         tables.append(ingest.records_to_table(records, source, fmt))
-    if not tables:
-        return ingest.records_to_table([], source, fmt)
-    out = pl.concat(tables)
-    return out.sort("source_row") if len(tables) > 1 else out
+    return _in_row_order(tables, source, fmt)
 
 
 READ_BYTES = 1 << 22
@@ -304,10 +309,7 @@ def frame_table(df: pl.DataFrame, first_row: int, source: str, fmt: str) -> pl.D
     if slow.any():
         rows = df.filter(pl.Series(slow)) if not slow.all() else df
         tables.append(ingest.records_to_table(zip(numbers[slow].tolist(), rows.iter_rows(named=True)), source, fmt))
-    if not tables:
-        return ingest.records_to_table([], source, fmt)
-    out = pl.concat(tables)
-    return out.sort("source_row") if len(tables) > 1 else out
+    return _in_row_order(tables, source, fmt)
 
 
 def _parquet_frames(path: Path, batch_rows: int) -> Iterator[pl.DataFrame]:
