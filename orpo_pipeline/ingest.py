@@ -46,14 +46,14 @@ on everything before their final assistant turns, or the row is rejected
 
 Files: .jsonl, .jsonl.gz, .json (an array, {"data": [...]}, or JSON Lines
 under a .json name), .parquet, .csv (cells are text: numeric text counts as a
-score or label, message lists cannot be expressed). A value of the wrong type
+score or label, message lists cannot be expressed); each is read a record or a
+batch at a time except a .json file that is not an array. A value of the wrong type
 anywhere (a number where text belongs, a dict where a list belongs, …) makes
 that row a reject naming the field, never an exception.
 """
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import itertools
@@ -471,11 +471,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | RowError]]:
         raise PreferenceFormatError(f"{path}: unreadable{where}: {e}") from e
 
 
-def _iter_json(path: Path) -> Iterator[tuple[int, dict | RowError]]:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise PreferenceFormatError(f"{path}: not UTF-8 (byte offset {e.start})") from e
+def _json_document(path: Path, text: str) -> Iterator[tuple[int, dict | RowError]]:
+    """A .json file that does not start with an array: {"data": [...]}, or JSON Lines under a .json name."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -491,8 +488,32 @@ def _iter_json(path: Path) -> Iterator[tuple[int, dict | RowError]]:
         data = data["data"]
     if not isinstance(data, list):
         raise PreferenceFormatError(f"{path}: expected a JSON array of records, got {_type(data)}")
-    return ((i, obj if isinstance(obj, dict) else RowError(f"expected a JSON object, got {_type(obj)}"))
-            for i, obj in enumerate(data, start=1))
+    return enumerate(data, start=1)
+
+
+def _iter_text_file(path: Path, records: Callable[[io.TextIOBase], Iterator]) -> Iterator[tuple[int, dict | RowError]]:
+    """records(f) over the file as text, with its errors named by the file."""
+    from .text_files import TextFileError, open_text, utf8_error_offset
+
+    try:
+        with open_text(path) as f:
+            yield from records(f)
+    except UnicodeDecodeError:
+        raise PreferenceFormatError(f"{path}: not UTF-8 (byte offset {utf8_error_offset(path)})") from None
+    except TextFileError as e:
+        raise PreferenceFormatError(f"{path}: {e}") from None
+
+
+def _iter_json(path: Path) -> Iterator[tuple[int, dict | RowError]]:
+    """A JSON array is read an element at a time (text_files); other documents whole."""
+    from .text_files import iter_json_array, starts_with_array
+
+    def records(f: io.TextIOBase) -> Iterator[tuple[int, dict | RowError]]:
+        elements = enumerate(iter_json_array(f), start=1) if starts_with_array(f) else _json_document(path, f.read())
+        for i, obj in elements:
+            yield i, obj if isinstance(obj, (dict, RowError)) else RowError(f"expected a JSON object, got {_type(obj)}")
+
+    return _iter_text_file(path, records)
 
 
 def _csv_row(row: dict, width: int) -> dict | RowError:
@@ -502,18 +523,14 @@ def _csv_row(row: dict, width: int) -> dict | RowError:
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[int, dict | RowError]]:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # spreadsheet exports start with a BOM
-    except UnicodeDecodeError as e:
-        raise PreferenceFormatError(f"{path}: not UTF-8 (byte offset {e.start})") from e
-    csv.field_size_limit(2**31 - 1)  # long answers exceed the 128 KiB default
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        rows = list(reader)
-    except csv.Error as e:
-        raise PreferenceFormatError(f"{path}: malformed CSV at line {reader.line_num}: {e}") from e
-    width = len(reader.fieldnames or [])
-    return ((i, _csv_row(row, width)) for i, row in enumerate(rows, start=1))
+    """A row at a time; a BOM at the start (spreadsheet exports write one) is skipped."""
+    from .text_files import iter_csv_rows
+
+    def records(f: io.TextIOBase) -> Iterator[tuple[int, dict | RowError]]:
+        for i, (header, row) in enumerate(iter_csv_rows(f), start=1):
+            yield i, _csv_row(row, len(header or []))
+
+    return _iter_text_file(path, records)
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, dict | RowError]]:
@@ -672,23 +689,3 @@ def read_preference_dir(data_dir: Path, fmt: str = "auto", column_mapping: dict[
         for p in preference_files(data_dir)
     ]
     return pl.concat(tables)
-
-
-def read_hf_dataset(
-    name_or_path: str,
-    split: str = "train",
-    config: str = "",
-    fmt: str = "auto",
-    column_mapping: dict[str, str] | None = None,
-) -> pl.DataFrame:
-    """A hub dataset (needs internet) or a folder written by `Dataset.save_to_disk`."""
-    import datasets
-
-    if Path(name_or_path).is_dir():
-        ds = datasets.load_from_disk(name_or_path)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split]
-    else:
-        ds = datasets.load_dataset(name_or_path, config or None, split=split)
-    source = f"{name_or_path}[{split}]"
-    return records_to_table(enumerate(ds, start=1), source, fmt, column_mapping)
