@@ -1,10 +1,12 @@
-"""Ingest: one TRL-standard JSONL (or parquet) file parsed into raw-table batches, in bulk vs line by line.
+"""Ingest: one TRL-standard JSONL (or parquet, JSON array, CSV) file parsed into raw-table batches, ours vs the
+way before.
 
 The input is pipeline_scale.py's (bench/clean_throughput.py's pairs, real ones replicated and perturbed, written
 as one JSONL file of N lines, 0.5% of them malformed). With `--file-format parquet` the same pairs are written
 as a parquet file of prompt/chosen/rejected text columns, the malformed rows as rows with a null prompt. With
 `--shape conversational` the answers are [user, assistant] message lists, as in HF's ultrafeedback_binarized
-(malformed rows: null answers). Writing it is not timed. Each method runs in its own fresh
+(malformed rows: null answers). With `--file-format json` or `csv` the pairs are one JSON array of objects or a
+CSV file (malformed rows: a null or empty prompt). Writing it is not timed. Each method runs in its own fresh
 process and reads the whole file a batch at a time (`batch_rows`, default 50,000), as `raw_preferences` does,
 without writing anything:
 
@@ -12,13 +14,20 @@ without writing anything:
 - "lines" (the baseline, what ingest did before, and still does for other formats):
   `ingest.iter_tables(ingest.iter_records(path))`, `json.loads` and Python checks on each line.
 
+For a JSON array or a CSV file the methods are:
+
+- "stream" (ours): `ingest.iter_file_tables`, which reads the file an element or a row at a time (`text_files`);
+- "whole" (the baseline, what ingest did before): `json.loads` of the whole text, or `list(csv.DictReader(...))`,
+  then the same records into `ingest.iter_tables`.
+
 Both must give the same rows: each batch's rows are hashed and the sums compared. Figures: wall and CPU seconds,
-pairs/s, peak RSS, the ratio bulk / lines.
+pairs/s, peak RSS, the ratios ours / baseline.
 
     nice -n 19 .venv/bin/python bench/ingest_throughput.py                          # 2M pairs, fields cut to 256
     nice -n 19 .venv/bin/python bench/ingest_throughput.py --pairs 500000 --max-field-chars 0
     nice -n 19 .venv/bin/python bench/ingest_throughput.py --file-format parquet
     nice -n 19 .venv/bin/python bench/ingest_throughput.py --shape conversational [--file-format parquet]
+    nice -n 19 .venv/bin/python bench/ingest_throughput.py --file-format json    # or csv
 """
 
 from __future__ import annotations
@@ -52,10 +61,32 @@ def write_input(path: Path, pairs: int, max_field_chars: int, seed: int, file_fo
         table = raw.select(prompt=prompt, chosen=turns("chosen"), rejected=turns("rejected"))
     if file_format == "parquet":
         table.write_parquet(path)
+    elif file_format == "json":
+        table.write_json(path)  # an array of row objects
+    elif file_format == "csv":
+        table.write_csv(path)
     else:
         table.write_ndjson(path)
     return {"pairs": pairs, "file_mb": round(path.stat().st_size / 2**20, 1),
             "unparseable_lines": int(raw["error"].is_not_null().sum())}
+
+
+def read_whole(path: Path):
+    """A JSON array or CSV file's records as ingest read them before text_files: the whole file parsed first."""
+    import csv
+    import io
+    import json
+
+    text = path.read_bytes().decode("utf-8-sig")  # as ingest did: read_text would turn \r\n in cells into \n
+    if path.suffix == ".json":
+        return enumerate(json.loads(text), start=1)
+    csv.field_size_limit(2**31 - 1)
+    return enumerate(list(csv.DictReader(io.StringIO(text, newline=""))), start=1)
+
+
+# ours, and the baseline, per file format
+METHODS = {"jsonl": ("bulk", "lines"), "parquet": ("bulk", "lines"), "json": ("stream", "whole"),
+           "csv": ("stream", "whole")}
 
 
 def worker(args) -> None:
@@ -65,8 +96,10 @@ def worker(args) -> None:
 
     path = Path(args.input_path)
     with measure() as m:
-        if args.worker == "bulk":
+        if args.worker in ("bulk", "stream"):
             tables = ingest.iter_file_tables(path, path.name, batch_rows=args.batch_rows)
+        elif args.worker == "whole":
+            tables = ingest.iter_tables(read_whole(path), path.name, batch_rows=args.batch_rows)
         else:
             tables = ingest.iter_tables(ingest.iter_records(path), path.name, batch_rows=args.batch_rows)
         rows = errors = 0
@@ -87,7 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=2_000_000)
     ap.add_argument("--max-field-chars", type=int, default=256, help="cut every real text first (0: real lengths)")
     ap.add_argument("--batch-rows", type=int, default=50_000)
-    ap.add_argument("--file-format", choices=["jsonl", "parquet"], default="jsonl")
+    ap.add_argument("--file-format", choices=list(METHODS), default="jsonl")
     ap.add_argument("--shape", choices=["standard", "conversational"], default="standard",
                     help="answers as text, or as [user, assistant] message lists")
     ap.add_argument("--seed", type=int, default=0)
@@ -96,6 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--input-path", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.file_format == "csv" and args.shape != "standard":
+        ap.error("message lists cannot be CSV cells: --file-format csv takes --shape standard")
+    ours, baseline = METHODS[args.file_format]
     if args.worker == "write-input":
         emit(write_input(Path(args.input_path), args.pairs, args.max_field_chars, args.seed, args.file_format,
                          args.shape))
@@ -118,7 +154,7 @@ def main(argv=None) -> int:
             written = run_worker(script, ["--worker", "write-input", "--file-format", args.file_format,
                                           "--shape", args.shape, *common])
         print(f"  {written['file_mb']:,} MB, {written['unparseable_lines']:,} malformed rows", flush=True)
-        runs: dict[str, list[dict]] = {"bulk": [], "lines": []}
+        runs: dict[str, list[dict]] = {ours: [], baseline: []}
         for _ in range(args.repeats):
             for method in runs:
                 r = run_worker(script, ["--worker", method, "--batch-rows", str(args.batch_rows),
@@ -131,17 +167,18 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     best = {k: max(v, key=lambda r: r["pairs_per_s"]) for k, v in runs.items()}
     same = len({(r["rows"], r["errors"], r["digest"]) for v in runs.values() for r in v}) == 1
-    ratio = best["bulk"]["pairs_per_s"] / best["lines"]["pairs_per_s"]
+    ratio = best[ours]["pairs_per_s"] / best[baseline]["pairs_per_s"]
+    rss_ratio = best[ours]["peak_rss_mb"] / best[baseline]["peak_rss_mb"]
     print(f"\nsame rows (count, errors, row hashes): {same}")
-    print(f"bulk / lines: {ratio:.2f}x pairs/s ({fmt_rate(best['bulk']['pairs_per_s'])} against "
-          f"{fmt_rate(best['lines']['pairs_per_s'])}); peak RSS {best['bulk']['peak_rss_mb']:,} against "
-          f"{best['lines']['peak_rss_mb']:,} MB")
+    print(f"{ours} / {baseline}: {ratio:.2f}x pairs/s ({fmt_rate(best[ours]['pairs_per_s'])} against "
+          f"{fmt_rate(best[baseline]['pairs_per_s'])}); peak RSS {best[ours]['peak_rss_mb']:,} against "
+          f"{best[baseline]['peak_rss_mb']:,} MB ({rss_ratio:.2f}x)")
     saved = save_result("ingest_throughput", {
         "config": {"pairs": args.pairs, "max_field_chars": args.max_field_chars, "batch_rows": args.batch_rows,
                    "seed": args.seed, "repeats": args.repeats, "file_format": args.file_format, "shape": args.shape,
                    "input": f"bench/clean_throughput.py build_raw, written as {args.shape} {args.file_format}"},
-        "input": written, "bulk": best["bulk"], "lines": best["lines"], "runs": runs, "same_rows": same,
-        "ratio_pairs_per_s": ratio,
+        "input": written, "ours": ours, "baseline": baseline, ours: best[ours], baseline: best[baseline],
+        "runs": runs, "same_rows": same, "ratio_pairs_per_s": ratio, "ratio_peak_rss": rss_ratio,
     }, args.out)
     print(f"saved {saved}")
     return 0 if same else 2
