@@ -47,7 +47,7 @@ on everything before their final assistant turns, or the row is rejected
 Files: .jsonl, .jsonl.gz, .json (an array, {"data": [...]}, or JSON Lines
 under a .json name), .parquet, .csv (cells are text: numeric text counts as a
 score or label, message lists cannot be expressed); each is read a record or a
-batch at a time except a .json file that is not an array. A value of the wrong type
+batch at a time except a {"data": [...]} document.
 anywhere (a number where text belongs, a dict where a list belongs, …) makes
 that row a reject naming the field, never an exception.
 """
@@ -471,24 +471,27 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | RowError]]:
         raise PreferenceFormatError(f"{path}: unreadable{where}: {e}") from e
 
 
-def _json_document(path: Path, text: str) -> Iterator[tuple[int, dict | RowError]]:
-    """A .json file that does not start with an array: {"data": [...]}, or JSON Lines under a .json name."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and text.lstrip().startswith("{"):
-            # one object a line under a .json name: read it as JSON Lines
-            return _iter_jsonl(path)
-        raise PreferenceFormatError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise PreferenceFormatError(f"{path}: malformed JSON: {str(e)[:80]}") from e
-    except RecursionError as e:
-        raise PreferenceFormatError(f"{path}: malformed JSON: nested too deeply") from e
+def _json_records(path: Path, data: object) -> Iterator[tuple[int, dict | RowError]]:
+    """The records of a .json file that holds one value: an array, or {"data": [...]}."""
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise PreferenceFormatError(f"{path}: expected a JSON array of records, got {_type(data)}")
     return enumerate(data, start=1)
+
+
+def _json_document(path: Path, text: str) -> Iterator[tuple[int, dict | RowError]]:
+    """A .json file that starts with neither an array nor an object (so it is no record file): read whole, for
+    json.loads' own error."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PreferenceFormatError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise PreferenceFormatError(f"{path}: malformed JSON: {str(e)[:80]}") from e
+    except RecursionError as e:
+        raise PreferenceFormatError(f"{path}: malformed JSON: nested too deeply") from e
+    return _json_records(path, data)
 
 
 def _iter_text_file(path: Path, records: Callable[[io.TextIOBase], Iterator]) -> Iterator[tuple[int, dict | RowError]]:
@@ -505,13 +508,24 @@ def _iter_text_file(path: Path, records: Callable[[io.TextIOBase], Iterator]) ->
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, dict | RowError]]:
-    """A JSON array is read an element at a time (text_files); other documents whole."""
-    from .text_files import iter_json_array, starts_with_array
+    """A JSON array is read an element at a time, an object a line at a time if more follow it (JSON Lines under
+    a .json name; else it is {"data": [...]}, read whole), anything else whole (`text_files`)."""
+    from .text_files import first_char, first_value, iter_json_array
 
     def records(f: io.TextIOBase) -> Iterator[tuple[int, dict | RowError]]:
-        elements = enumerate(iter_json_array(f), start=1) if starts_with_array(f) else _json_document(path, f.read())
+        first = first_char(f)
+        if first == "[":
+            elements = enumerate(iter_json_array(f), start=1)
+        elif first == "{":
+            value, extra = first_value(f)
+            if extra is not None:  # one object a line under a .json name: read it as JSON Lines
+                yield from _iter_jsonl(path)
+                return
+            elements = _json_records(path, value)
+        else:
+            elements = _json_document(path, f.read())
         for i, obj in elements:
-            yield i, obj if isinstance(obj, (dict, RowError)) else RowError(f"expected a JSON object, got {_type(obj)}")
+            yield i, obj if isinstance(obj, dict) else RowError(f"expected a JSON object, got {_type(obj)}")
 
     return _iter_text_file(path, records)
 

@@ -1,10 +1,10 @@
 """JSON arrays and CSV files read a record at a time, so a file of millions of pairs is never held whole.
 
-`json.loads` of a whole JSON array held every record as Python objects at once (6x the file: 0.9 GB for a
-150 MB file of 200k pairs), and CSV was read into a list of every row; JSON Lines and parquet were already read
-in batches. Errors read as before: the file, and line and column (JSON) or line (CSV), or the byte offset of the
-first byte that is not UTF-8. A file that fails part way has yielded its first records: a caller that writes them
-writes into a temporary folder that the failure discards (`storage.atomic_dir`).
+`json.loads` of a whole JSON array held every record as Python objects at once (8.5 GB for 2M pairs in a 1.4 GB
+file), and CSV was read into a list of every row; JSON Lines and parquet were already read in batches. Errors
+read as before: the file, and line and column (JSON) or line (CSV), or the byte offset of the first byte that is
+not UTF-8. A file that fails part way has yielded its first records: a caller that writes them writes into a
+temporary folder that the failure discards (`storage.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import csv
 import io
 import json
 import re
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 CHUNK_CHARS = 1 << 22
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # what json itself skips between values
@@ -109,13 +109,22 @@ def _value(text: _Text, pos: int) -> tuple[object, int]:
         pos = 0
 
 
-def starts_with_array(f: io.TextIOBase) -> bool:
-    """Whether the first value in f is an array; f is left at its start."""
+def first_char(f: io.TextIOBase) -> str:
+    """The first character of f that is not whitespace ("" for none); f is left at its start."""
     head = f.read(CHUNK_CHARS)
     while head and not head.strip(" \t\n\r"):
         head = f.read(CHUNK_CHARS)
     f.seek(0)
-    return head.lstrip(" \t\n\r").startswith("[")
+    return head.lstrip(" \t\n\r")[:1]
+
+
+def first_value(f: io.TextIOBase) -> tuple[object, TextFileError | None]:
+    """The first JSON value in f, and the "Extra data" error json.loads would raise if more than whitespace
+    follows it (None if nothing does). Only that value is read whole."""
+    text = _Text(f)
+    value, end = _value(text, text.skip_whitespace(0))
+    pos = text.skip_whitespace(end)
+    return value, text.error("Extra data", pos) if pos < len(text.buf) else None
 
 
 def iter_json_array(f: io.TextIOBase) -> Iterator[object]:

@@ -179,3 +179,62 @@ def test_a_json_array_after_a_bom_and_other_documents_still_read(tmp_path):
     (tmp_path / "scalar.json").write_text("3")
     with pytest.raises(PreferenceFormatError, match="scalar.json: expected a JSON array of records, got int"):
         list(iter_records(tmp_path / "scalar.json"))
+
+
+def read_whole_as_before(path):
+    """How ingest read a .json file before text_files: decoded and parsed whole."""
+    from orpo_pipeline.ingest import RowError, _iter_jsonl, _type
+
+    text = path.read_bytes().decode("utf-8-sig")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _iter_jsonl(path)
+        raise PreferenceFormatError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except ValueError as e:
+        raise PreferenceFormatError(f"{path}: malformed JSON: {str(e)[:80]}") from e
+    except RecursionError as e:
+        raise PreferenceFormatError(f"{path}: malformed JSON: nested too deeply") from e
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise PreferenceFormatError(f"{path}: expected a JSON array of records, got {_type(data)}")
+    return ((i, obj if isinstance(obj, dict) else RowError(f"expected a JSON object, got {_type(obj)}"))
+            for i, obj in enumerate(data, start=1))
+
+
+def outcome(read, path):
+    try:
+        return "ok", [(i, json.dumps(r) if isinstance(r, dict) else f"{type(r).__name__}: {r}") for i, r in read(path)]
+    except PreferenceFormatError as e:
+        return "error", str(e)
+
+
+@st.composite
+def json_documents(draw):
+    """Whatever a .json file may hold: an array, {"data": [...]}, objects a line (JSON Lines under a .json
+    name), a lone value; laid out any way, maybe broken as json_arrays breaks them."""
+    records = st.lists(st.one_of(st.dictionaries(text, values, max_size=3), values), max_size=4)
+    kind = draw(st.sampled_from(["array", "data", "lines", "value"]))
+    if kind == "array":
+        doc = draw(json_arrays())
+    elif kind == "data":
+        doc = json.dumps({"data": draw(records), **draw(st.dictionaries(text, values, max_size=1))}, **draw(layout))
+    elif kind == "lines":
+        doc = "\n".join(json.dumps(r) for r in draw(st.lists(st.dictionaries(text, values, max_size=3), max_size=4)))
+    else:
+        doc = json.dumps(draw(values))
+    if kind != "array" and draw(st.booleans()) and len(doc) > 1:
+        at = draw(st.integers(1, len(doc) - 1))
+        doc = doc[:at] + draw(st.sampled_from(list(',:[]{}"\\ \n0x'))) + doc[at + 1:]
+    return draw(st.sampled_from(["", "\n", "\ufeff", " \ufeff"])) + doc
+
+
+@SETTINGS
+@given(doc=json_documents(), chunk=chunks)
+def test_a_json_file_reads_as_it_did_whole(tmp_path, doc, chunk, monkeypatch):
+    path = tmp_path / "doc.json"
+    path.write_text(doc, encoding="utf-8", errors="surrogatepass")
+    monkeypatch.setattr(text_files, "CHUNK_CHARS", chunk)
+    assert outcome(iter_records, path) == outcome(read_whole_as_before, path)
