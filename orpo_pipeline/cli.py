@@ -16,20 +16,6 @@ from pathlib import Path
 from .config import SAMPLE_DATA_DIR
 
 
-def _hf_to_parquet(name: str, split: str, config: str, folder: Path) -> Path:
-    """A hub dataset (needs internet) or a save_to_disk folder, as one parquet file to register."""
-    import datasets
-
-    if Path(name).is_dir():
-        ds = datasets.load_from_disk(name)
-        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    else:
-        ds = datasets.load_dataset(name, config or None, split=split)
-    out = folder / f"{Path(name).name if Path(name).is_dir() else name.replace('/', '__')}-{split}.parquet"
-    ds.to_parquet(str(out))
-    return out
-
-
 def _files(targets: list[str]) -> list[Path]:
     from .ingest import preference_files
 
@@ -48,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from resources import StorageResource
 
     from .definitions import defs
+    from .hf_import import DatasetImportError, export_parquet
 
     parser = argparse.ArgumentParser(prog="orpo_pipeline")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -67,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "register":
             paths = _files(args.paths)
         elif args.hf_dataset:
-            paths = [_hf_to_parquet(args.hf_dataset, args.hf_split, args.hf_config, Path(tmp))]
+            try:
+                paths = [export_parquet(args.hf_dataset, args.hf_split, args.hf_config, Path(tmp))[0]]
+            except DatasetImportError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         else:
             paths = _files([args.data_dir])
         sources, new = register_files(instance, paths, storage.sources_path)

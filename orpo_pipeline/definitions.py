@@ -3,6 +3,7 @@
 import dagster as dg
 
 from assets import champion, model, preferences
+from assets.hf_import import import_hf_dataset
 from assets.retraining import ingest_and_train_job, preference_drop_sensor, retrain_job, retrain_schedule
 from resources import GpuResource, MlflowResource, StorageResource
 
@@ -12,7 +13,7 @@ all_checks = dg.load_asset_checks_from_modules([preferences, model, champion])
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
-    jobs=[ingest_and_train_job, retrain_job],
+    jobs=[ingest_and_train_job, retrain_job, import_hf_dataset],
     sensors=[preference_drop_sensor],
     schedules=[retrain_schedule],
     resources={
