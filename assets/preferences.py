@@ -275,9 +275,11 @@ def tokenized_dataset(
     if added:
         context.log.info(f"chat_template added tokens {tokenizer.convert_ids_to_tokens(added)}")
     kwargs = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                  min_completion_tokens=config.min_completion_tokens)
+                  min_completion_tokens=config.min_completion_tokens, max_pair_tokens=config.max_pair_tokens,
+                  min_answer_tokens=config.min_answer_tokens)
     splits = {s: tokenization.tokenize_pairs(t, tokenizer, **kwargs) for s, t in tables.items()}
     dropped = [d | {"split": s} for s, t in splits.items() for d in t.dropped]
+    dropped_counts = {r: sum(d["reason"] == r for d in dropped) for r in tokenization.DROP_REASONS}
     for d in dropped[:20]:
         context.log.warning(f"dropped {d['detail']}")
     digest = tokenization.dataset_digest(splits["train"].dataset, splits["eval"].dataset)
@@ -297,7 +299,7 @@ def tokenized_dataset(
 
         mlflow.log_metrics({"data/truncated_prompt": sum(t.truncated_prompt for t in splits.values()),
                             "data/truncated_completion": sum(t.truncated_completion for t in splits.values()),
-                            "data/dropped_does_not_fit": len(dropped)})
+                            **{f"data/dropped_{r}": n for r, n in dropped_counts.items()}})
         mlflow.log_artifact(str(out / hist.name), artifact_path="data_quality")
     context.add_output_metadata(
         {
@@ -306,7 +308,7 @@ def tokenized_dataset(
             "eval_pairs": len(splits["eval"].dataset),
             "truncated_prompt": sum(t.truncated_prompt for t in splits.values()),
             "truncated_completion": sum(t.truncated_completion for t in splits.values()),
-            "dropped_does_not_fit": len(dropped),
+            **{f"dropped_{r}": n for r, n in dropped_counts.items()},
             "token_length_histogram": dg.MetadataValue.md(markdown_image(out / hist.name, "token lengths")),
             "cleaned_digest": cleaned_digest,
             "digest": digest,

@@ -73,6 +73,14 @@ class TokenizeSettings(BaseModel):
     min_completion_tokens: int = Field(
         32, gt=0, description="Completions keep at least this many tokens; pairs that cannot are dropped with a reason."
     )
+    max_pair_tokens: int = Field(
+        0, ge=0, description="Length bound: pairs whose prompt + longer answer exceed this many tokens (before "
+        "truncation) are dropped as too_long instead of truncated to max_length. 0: off."
+    )
+    min_answer_tokens: int = Field(
+        0, ge=0, description="Length bound: pairs whose shorter answer has fewer tokens (end-of-turn tokens "
+        "included) are dropped as too_short. 0: off."
+    )
     chat_template: str = Field(
         "", description="Jinja chat template, or a path to a .jinja file, replacing the base tokenizer's. Empty: the "
         "base tokenizer's. Training and the saved adapter use the same one."

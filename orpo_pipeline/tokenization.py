@@ -9,7 +9,8 @@ Truncation differs on purpose: stock TRL cuts completions first, and a long
 prompt can leave a completion with zero tokens (its loss is then NaN). Here the
 prompt is cut first (its end kept, so the assistant header survives), never
 below `max_prompt_length`; completions keep at least `min_completion_tokens`;
-a pair that still does not fit is dropped with a reason.
+a pair that still does not fit is dropped with a reason. Optional length bounds
+drop pairs that are too long (instead of truncating them) or too short.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ TOKEN_COLUMNS = [
     "rejected_attention_mask",
     "rejected_labels",
 ]
+# why tokenize_pairs drops a pair: it cannot fit max_length, or breaks a length bound
+DROP_REASONS = ["does_not_fit", "too_long", "too_short"]
 
 
 @dataclass
@@ -102,15 +105,32 @@ def _token_table(ps: list[list[int]], cs: list[list[int]], rs: list[list[int]]) 
     return cols | {f"{name}_tokens": pa.array(n) for name, n in lengths.items()}
 
 
+def _out_of_bounds(prompt: int, chosen: int, rejected: int, max_pair_tokens: int, min_answer_tokens: int
+                   ) -> tuple[str, str] | None:
+    """(reason, why) if the pair's token counts break a length bound."""
+    if max_pair_tokens and prompt + max(chosen, rejected) > max_pair_tokens:
+        return "too_long", (f"prompt {prompt} + longer answer {max(chosen, rejected)} tokens > max_pair_tokens "
+                            f"{max_pair_tokens}")
+    if min_answer_tokens and min(chosen, rejected) < min_answer_tokens:
+        return "too_short", f"shorter answer {min(chosen, rejected)} tokens < min_answer_tokens {min_answer_tokens}"
+    return None
+
+
 def tokenize_pairs(table: pl.DataFrame, tokenizer, max_length: int = 512, max_prompt_length: int = 0,
-                   min_completion_tokens: int = 32) -> TokenizedSplit:
-    """Tokenize a cleaned preference table (prompt messages, chosen, rejected)."""
+                   min_completion_tokens: int = 32, max_pair_tokens: int = 0, min_answer_tokens: int = 0
+                   ) -> TokenizedSplit:
+    """Tokenize a cleaned preference table (prompt messages, chosen, rejected).
+
+    Length bounds (0: off), on the tokens the trainer would see before any truncation (BOS, end-of-turn and EOS
+    included): a pair whose prompt + longer answer exceeds `max_pair_tokens` is dropped as `too_long` instead of
+    truncated; a pair whose shorter answer has fewer than `min_answer_tokens` is dropped as `too_short`."""
     # millions of fresh token lists set off the cyclic garbage collector again and again (a tenth of the time);
     # they hold only ints, so there is nothing for it to find
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _tokenize_pairs(table, tokenizer, max_length, max_prompt_length, min_completion_tokens)
+        return _tokenize_pairs(table, tokenizer, max_length, max_prompt_length, min_completion_tokens,
+                               max_pair_tokens, min_answer_tokens)
     finally:
         if enabled:
             gc.enable()
@@ -122,8 +142,9 @@ def _tokenize_pairs(
     max_length: int = 512,
     max_prompt_length: int = 0,
     min_completion_tokens: int = 32,
+    max_pair_tokens: int = 0,
+    min_answer_tokens: int = 0,
 ) -> TokenizedSplit:
-    """Tokenize a cleaned preference table (prompt messages, chosen, rejected)."""
     max_prompt = max_prompt_length or max(1, max_length - min_completion_tokens)
     prompts = table["prompt"].to_list()
     prompt_texts, (chosen_texts, rejected_texts) = template_suffixes(
@@ -143,6 +164,11 @@ def _tokenize_pairs(
         c = c if c and c[-1] == eos else c + [eos]
         r = r if r and r[-1] == eos else r + [eos]
         longest = max(len(c), len(r))
+        bound = _out_of_bounds(len(p), len(c), len(r), max_pair_tokens, min_answer_tokens)
+        if bound is not None:
+            out.dropped.append({"content_hash": hashes[i], "source": sources[i], "reason": bound[0],
+                                "detail": f"{sources[i]}: {bound[1]}"})
+            continue
         if len(p) + longest > max_length:
             if len(p) > max_prompt:
                 p = p[-max(max_prompt, max_length - longest):]

@@ -27,7 +27,8 @@ def pipeline_run(tmp_path_factory, tiny_model_dir, model_cache):
     run_config = {
         "ops": {
             "base_model": {"config": {"base_model": "tiny-random-llama"}},
-            "tokenized_dataset": {"config": {"max_length": 256}},
+            # the sample pairs have up to 143 tokens here: those over 128 are dropped, those of 113-128 truncated
+            "tokenized_dataset": {"config": {"max_length": 112, "max_pair_tokens": 128}},
             "orpo_adapter": {"config": {"max_steps": 4, "logging_steps": 1, "per_device_train_batch_size": 4}},
             "benchmark_scores": {"config": {"max_eval_pairs": 16, "max_new_tokens": 4}},
         }
@@ -83,8 +84,13 @@ def test_artifacts_exist_and_load(pipeline_run, tmp_path):
     across = dups.filter(~pl.col("detail").str.starts_with(pl.format("duplicate of {}:", "source_file")))
     assert across.height >= 1 and across["detail"].str.contains(r"^duplicate of \S+\.\w+:\d+$").all()
 
-    tokenized = datasets.load_from_disk(result.output_for_node("tokenized_dataset")["dir"])
-    assert len(tokenized["train"]) + len(tokenized["eval"]) == kept
+    tokenized_dir = Path(result.output_for_node("tokenized_dataset")["dir"])
+    tokenized = datasets.load_from_disk(tokenized_dir)
+    dropped = pl.read_parquet(tokenized_dir.parent / "dropped.parquet")
+    assert len(tokenized["train"]) + len(tokenized["eval"]) + dropped.height == kept
+    assert dropped.height > 0 and set(dropped["reason"]) == {"too_long"}
+    assert mats["tokenized_dataset"]["dropped_too_long"].value == dropped.height
+    assert mats["tokenized_dataset"]["truncated_prompt"].value + mats["tokenized_dataset"]["truncated_completion"].value > 0
 
     base = result.output_for_node("base_model")["path"]
     adapter = result.output_for_node("orpo_adapter")["dir"]

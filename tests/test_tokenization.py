@@ -74,3 +74,21 @@ def test_chat_template_renders_multi_turn_history(smollm2_tokenizer):
     p, s = template_texts(smollm2_tokenizer, [prompt], ["4"])
     assert p[0].count("<|im_start|>") == 5 and "Hello!" in p[0] and p[0].endswith("<|im_start|>assistant\n")
     assert s[0].startswith("4<|im_end|>")
+
+
+def test_length_bounds_drop_pairs_by_their_untruncated_token_counts(ultrafeedback, smollm2_tokenizer):
+    full = tokenize_pairs(ultrafeedback, smollm2_tokenizer, max_length=100_000).dataset.to_polars()
+    assert len(full) == len(ultrafeedback)  # nothing truncated or dropped: these are the counts the bounds see
+    pair, shorter = full.select(pl.col("prompt_tokens") + pl.max_horizontal("chosen_tokens", "rejected_tokens"),
+                                pl.min_horizontal("chosen_tokens", "rejected_tokens")).get_columns()
+    max_pair, min_answer = int(pair.quantile(0.8)), int(shorter.quantile(0.1))
+    out = tokenize_pairs(ultrafeedback, smollm2_tokenizer, max_length=100_000, max_pair_tokens=max_pair,
+                         min_answer_tokens=min_answer)
+    counts = dict(pl.Series([d["reason"] for d in out.dropped], dtype=pl.String).value_counts().iter_rows())
+    too_long = int((pair > max_pair).sum())
+    too_short = int(((pair <= max_pair) & (shorter < min_answer)).sum())  # too_long is checked first
+    assert too_long > 0 and too_short > 0
+    assert counts == {"too_long": too_long, "too_short": too_short}
+    assert set(out.dataset["content_hash"]) == set(full.filter((pair <= max_pair) & (shorter >= min_answer))["content_hash"])
+    detail = next(d["detail"] for d in out.dropped if d["reason"] == "too_long")
+    assert detail.startswith("train.jsonl:") and f"> max_pair_tokens {max_pair}" in detail
