@@ -218,6 +218,32 @@ def no_train_eval_prompt_overlap(context: dg.AssetCheckExecutionContext, storage
                                metadata={"shared_prompts": overlap, "duplicate_pairs": dupes})
 
 
+@dg.asset_check(asset=cleaned_preferences, blocking=True,
+                description="Every file's rows are all accounted for: rows read = kept (train + eval) + rejected, "
+                            "counted in the stored parquet files.")
+def rows_in_equal_kept_plus_rejected(context: dg.AssetCheckExecutionContext,
+                                     storage: StorageResource) -> dg.AssetCheckResult:
+    import pyarrow.parquet as pq
+
+    def rows(path: Path) -> int:  # from the footer: no data read
+        return pq.ParquetFile(path).metadata.num_rows
+
+    table = []
+    for key, folder in accepted_partitions(context.instance, storage):
+        row = {"partition": key, "file": drops.load_source(storage.sources_path, key).name,
+               "rows_in": rows(storage.partition_dir("raw_preferences", key) / "raw.parquet"),
+               "kept": rows(folder / "train.parquet") + rows(folder / "eval.parquet"),
+               "rejected": rows(folder / "rejects.parquet")}
+        table.append(row | {"balanced": row["rows_in"] == row["kept"] + row["rejected"]})
+    unbalanced = [r for r in table if not r["balanced"]]
+    return dg.AssetCheckResult(
+        passed=not unbalanced,
+        description=f"rows lost or added in {[r['file'] for r in unbalanced]}" if unbalanced else None,
+        metadata={"files": dg.MetadataValue.md(markdown_table(pl.DataFrame(table))) if table else "none",
+                  "unbalanced": len(unbalanced)},
+    )
+
+
 class RejectsCeilingConfig(dg.Config):
     max_reject_share: float = 0.5  # per file: above this a warning, since one bad export should be looked at
 

@@ -57,6 +57,7 @@ def test_every_asset_materializes_and_checks_pass(pipeline_run):
     evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert evaluations == {"cleaned_not_empty": True, "cleaned_has_no_nulls": True,
                            "no_train_eval_prompt_overlap": True, "rejects_share_under_ceiling": False,
+                           "rows_in_equal_kept_plus_rejected": True,
                            "champion_gate": True}
     # the shipped dirty.jsonl rejects 10 of its 16 rows: the ceiling check warns about exactly that file
     ceiling = next(e for e in result.get_asset_check_evaluations() if e.check_name == "rejects_share_under_ceiling")
@@ -212,3 +213,28 @@ def test_partitions_hashed_by_an_older_version_stop_cleaning_until_cleaned_again
                                resources=resources, instance=instance, tags=range_tags(keys))
         assert every.success
     assert pl.read_parquet(_hash_index_path(storage))["content_hash"].str.len_bytes().unique().to_list() == [32]
+
+
+def test_the_row_accounting_check_counts_the_stored_files(tmp_path):
+    """rows_in_equal_kept_plus_rejected passes on what cleaning wrote, and fails, naming the file, once a rejected
+    row goes missing from the stored rejects."""
+    from assets.preferences import cleaned_preferences, raw_preferences, rows_in_equal_kept_plus_rejected
+
+    storage = StorageResource(root=str(tmp_path))
+    resources = {"storage": storage,
+                 "mlflow_tracking": MlflowResource(state_dir=str(tmp_path), registered_model_name="tiny-orpo")}
+    with dg.instance_for_test() as instance:
+        sources, keys = register_files(instance, preference_files(SAMPLE_DATA_DIR), storage.sources_path)
+        assert dg.materialize([raw_preferences, cleaned_preferences], resources=resources, instance=instance,
+                              tags=range_tags(keys)).success
+
+        def check() -> dg.AssetCheckResult:
+            return rows_in_equal_kept_plus_rejected(dg.build_asset_check_context(instance=instance), storage=storage)
+
+        before = check()
+        assert before.passed and before.metadata["unbalanced"].value == 0
+        dirty = next(s for s in sources if s.name == "dirty.jsonl")
+        rejects = storage.partition_dir("cleaned_preferences", dirty.key) / "rejects.parquet"
+        pl.read_parquet(rejects).slice(1).write_parquet(rejects)
+        after = check()
+        assert not after.passed and after.metadata["unbalanced"].value == 1 and "dirty.jsonl" in after.description
