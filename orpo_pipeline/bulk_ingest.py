@@ -21,6 +21,7 @@ files in tests/test_bulk_ingest.py):
 from __future__ import annotations
 
 import gzip
+import itertools
 import mmap
 import os
 import re
@@ -262,11 +263,17 @@ def _mapped_batches(path: Path, batch_rows: int) -> Iterator[tuple[int, memoryvi
     # no mapped.close(): a caller may still hold the last batch's view; the map goes with the last view
 
 
+# records looked at for a schema: a file whose first ones have no pair (all malformed, say) is read line by line
+# rather than parsed in Python twice
+SCHEMA_SEARCH_RECORDS = 10_000
+
+
 def _options_for(path: Path) -> pa_json.ParseOptions | None:
-    """parse_options for the file's first record with both answers."""
+    """parse_options for the file's first record with both answers, among its first SCHEMA_SEARCH_RECORDS."""
     records = ingest._iter_jsonl(path)
     try:
-        first = next((r for _, r in records if isinstance(r, dict) and {"chosen", "rejected"} <= set(r)), None)
+        first = next((r for _, r in itertools.islice(records, SCHEMA_SEARCH_RECORDS)
+                      if isinstance(r, dict) and {"chosen", "rejected"} <= set(r)), None)
     finally:
         records.close()
     return parse_options(first) if first is not None else None

@@ -374,3 +374,15 @@ def test_conversations_read_in_bulk_are_the_parsers(tmp_path, ext):
     _, slow = bulk_rows(pl.read_parquet(path) if ext == "parquet" else pl.read_ndjson(path),
                         np.arange(1, len(rows) + 1), path.name, "trl_conversational", halves_known=ext == "parquet")
     assert np.flatnonzero(slow).tolist() == [i for i in range(len(rows)) if i % 6 in (1, 4, 5)]
+
+
+def test_a_file_whose_first_records_hold_no_pair_is_read_line_by_line_with_the_same_rows(tmp_path, monkeypatch):
+    lines = ['{"prompt": "q"}', "not json", '{"chosen": "a"}'] + [
+        json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) for i in range(5)]
+    path = tmp_path / "late.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert bulk_ingest._options_for(path) is not None  # found at the fourth record
+    monkeypatch.setattr(bulk_ingest, "SCHEMA_SEARCH_RECORDS", 3)
+    assert bulk_ingest._options_for(path) is None  # not looked for further: no bulk parse
+    for fmt in ("trl_standard", "auto"):
+        assert_bulk_reads_as_records(path, fmt, batch_rows=4)
