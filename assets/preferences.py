@@ -300,9 +300,7 @@ def tokenized_dataset(
     added = set_chat_template(tokenizer, config.chat_template)  # the same call training makes: same token ids
     if added:
         context.log.info(f"chat_template added tokens {tokenizer.convert_ids_to_tokens(added)}")
-    kwargs = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                  min_completion_tokens=config.min_completion_tokens, max_pair_tokens=config.max_pair_tokens,
-                  min_answer_tokens=config.min_answer_tokens)
+    kwargs = config.model_dump(exclude={"chat_template"})  # every other setting is tokenize_pairs' keyword
     splits = {s: tokenization.tokenize_pairs(t, tokenizer, **kwargs) for s, t in tables.items()}
     dropped = [d | {"split": s} for s, t in splits.items() for d in t.dropped]
     dropped_counts = {r: sum(d["reason"] == r for d in dropped) for r in tokenization.DROP_REASONS}

@@ -158,6 +158,10 @@ def _tokenize_pairs(
     out = TokenizedSplit(dataset=None)  # type: ignore[arg-type]
     hashes = table["content_hash"].to_list()
     sources = table.select(pl.format("{}:{}", "source_file", "source_row")).to_series().to_list()
+    def drop(i: int, reason: str, why: str) -> None:
+        out.dropped.append({"content_hash": hashes[i], "source": sources[i], "reason": reason,
+                            "detail": f"{sources[i]}: {why}"})
+
     for i, (p, c, r) in enumerate(zip(p_ids, c_ids, r_ids)):
         if bos is not None and (not p or p[0] != bos):
             p = [bos] + p
@@ -166,8 +170,7 @@ def _tokenize_pairs(
         longest = max(len(c), len(r))
         bound = _out_of_bounds(len(p), len(c), len(r), max_pair_tokens, min_answer_tokens)
         if bound is not None:
-            out.dropped.append({"content_hash": hashes[i], "source": sources[i], "reason": bound[0],
-                                "detail": f"{sources[i]}: {bound[1]}"})
+            drop(i, *bound)
             continue
         if len(p) + longest > max_length:
             if len(p) > max_prompt:
@@ -175,15 +178,8 @@ def _tokenize_pairs(
                 out.truncated_prompt += 1
             budget = max_length - len(p)
             if budget < min(min_completion_tokens, min(len(c), len(r))) or budget <= 0:
-                out.dropped.append(
-                    {
-                        "content_hash": hashes[i],
-                        "source": sources[i],
-                        "reason": "does_not_fit",
-                        "detail": f"{sources[i]}: prompt {len(p)} tokens leaves {budget} < {min_completion_tokens} "
-                        f"completion tokens within max_length {max_length}",
-                    }
-                )
+                drop(i, "does_not_fit", f"prompt {len(p)} tokens leaves {budget} < {min_completion_tokens} "
+                     f"completion tokens within max_length {max_length}")
                 continue
             if longest > budget:
                 out.truncated_completion += 1
