@@ -5,7 +5,8 @@ unparseable record or annotator tie (found at ingest) -> empty prompt / chosen /
 rejected -> chosen equals rejected -> score tie / score margin below the minimum
 (only with `min_score_margin`, only rows with scores) -> duplicate pair (after
 normalization, across every source seen).
-Nothing is lost: rows in = kept + rejected, and each reject keeps its source.
+Nothing is lost: rows in = kept + rejected, and each reject keeps its source and
+its text as ingested (kept rows hold the normalized text).
 
 Train/eval split is a hash of the normalized prompt, so a prompt never lands in
 both and adding data never moves an old row to the other side. Hashes are
@@ -29,10 +30,14 @@ speed, with the same output as applying those rules to every string
 - prompt message contents are normalized as one flat column and put back into
   their lists with the original offsets (`normalize_messages`), because inside
   `list.eval` the guards above would evaluate every branch on every element;
-- the row-local work and the cutting of both tables run in slices on a thread
-  pool (`SLICE_ROWS`), and the slices are never concatenated into one frame
-  (polars rechunks every column of such a frame when columns are selected);
-  deduplication looks at the whole table through numpy arrays of hash words.
+- the table is cleaned in slices on a thread pool (`SLICE_ROWS`): each slice is
+  normalized and hashed, looked up in one hash table of every pair seen so far
+  (`text_kernels.FirstSeen`, in source order, so the first copy wins across
+  slices, batches and earlier partitions), then its two tables are cut and its
+  normalized copy of the text is dropped. The kept table copies out only its
+  own rewritten strings (`text_kernels.compact`); rejects keep the text as
+  ingested, shared with the input. So cleaning holds the input, the output and
+  a slice or two: 2M pairs held in memory grew the process by ~0.8 GB.
 """
 
 from __future__ import annotations
@@ -41,10 +46,16 @@ import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 import polars_hash as plh
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from .text_kernels import FirstSeen
 
 REASONS = (
     "unparseable",
@@ -234,18 +245,26 @@ def normalize_messages(prompt: pl.Series) -> pl.Series:
 
     Same result as `prompt.list.eval(pl.struct(role=<role>, content=normalize_text(<content>)))`, including
     that a null message becomes a message with null role and content."""
+    return map_contents(prompt, normalize_series)
+
+
+def map_contents(prompt: pl.Series, fn: Callable[[pl.Series], pl.Series],
+                 role_fn: Callable[[pl.Series], pl.Series] = lambda role: role) -> pl.Series:
+    """`fn` over the message contents of a List(Struct{role, content}) Series as one flat column (`role_fn`
+    over the roles), put back into the lists with their offsets and null rows (a null message gets null
+    fields)."""
     import pyarrow as pa
 
     arr = prompt.to_arrow(compat_level=pl.CompatLevel.newest())  # zero-copy (string views)
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     # `values` is the whole child array, ignoring a slice offset; `offsets` are sliced and point into it. Only
-    # the messages this slice uses are normalized, with offsets rebased to them.
+    # the messages this slice uses are mapped, with offsets rebased to them.
     offsets = arr.offsets.to_numpy()
     start, end = int(offsets[0]), int(offsets[-1])
     messages = pl.from_arrow(arr.values.slice(start, end - start))
     # polars' struct.field, not the arrow children: a null message gives null fields, as in list.eval
-    fields = [messages.struct.field("role"), normalize_series(messages.struct.field("content"))]
+    fields = [role_fn(messages.struct.field("role")), fn(messages.struct.field("content"))]
     fields = [f.to_arrow(compat_level=pl.CompatLevel.newest()) for f in fields]
     fields = [f.combine_chunks() if isinstance(f, pa.ChunkedArray) else f for f in fields]
     flat = pa.StructArray.from_arrays(fields, names=["role", "content"])
@@ -285,11 +304,13 @@ def _score_rules(reason: pl.Expr, min_score_margin: float | None) -> pl.Expr:
 # the raw columns cleaning reads; everything else in the raw table (format, ...) is never loaded
 _INPUT_COLUMNS = ["source_file", "source_row", "prompt", "chosen", "rejected", "score_chosen", "score_rejected",
                   "error", "error_reason"]
-# Rows per slice of the row-local work (normalize, hash, first reasons) and of cutting the tables. Slices run on
-# a thread pool (polars releases the GIL: two threads clean 1.9x as fast on 2 cores) and the prompt key and
-# concatenated pair, two copies of the text, exist for one slice per thread at a time.
-SLICE_ROWS = 1 << 16
+# Rows per slice. Slices run on a thread pool (polars and the kernels release the GIL: two threads clean 1.9x as
+# fast on 2 cores), and a slice's normalized text exists for one slice per thread at a time: 32k rows took
+# ~60 MB less peak memory than 64k at 2M pairs, at the same speed. The hashed strings (the prompt key and the
+# concatenated pair, another copy of the text) are built HASH_ROWS at a time.
+SLICE_ROWS = 1 << 15
 MIN_SLICE_ROWS = 1 << 12
+HASH_ROWS = 1 << 14
 
 
 HASH_HEX_CHARS = 32
@@ -320,6 +341,8 @@ def _hash_words(df: pl.DataFrame) -> pl.DataFrame:
     the same strings in polars, for slices too large for that (and for tests/test_cleaning.py to compare)."""
     from . import text_kernels as tk
 
+    if df.height > HASH_ROWS:  # the hashed strings are a copy of the text: a sub-slice at a time
+        return pl.concat([_hash_words(df.slice(o, HASH_ROWS)) for o in range(0, df.height, HASH_ROWS)])
     texts = tk.pair_texts(df["prompt"], df["chosen"], df["rejected"])
     if texts is None:
         keyed = df.select(_prompt_key(pl.col("prompt")).alias("prompt_key"), "chosen", "rejected")
@@ -376,8 +399,18 @@ def _map(fn: Callable, *args: list) -> list:
         return list(pool.map(fn, *args))
 
 
-def _numpy(parts: list[pl.DataFrame], expr: pl.Expr) -> np.ndarray:
-    return np.concatenate([p.select(expr).to_series().to_numpy() for p in parts])
+def _known_pairs(known_hashes: pl.Series | pl.DataFrame | None) -> tuple[FirstSeen, pl.DataFrame | None]:
+    """A FirstSeen holding the known content hashes (known pair i has id -1 - i) and, if given, their sources."""
+    from .text_kernels import FirstSeen, hex_words
+
+    seen = FirstSeen()
+    if known_hashes is None:
+        return seen, None
+    known = known_hashes.to_frame("content_hash") if isinstance(known_hashes, pl.Series) else known_hashes
+    hi, lo, ok = hex_words(known["content_hash"])
+    seen.add(hi, lo, ok, -1 - np.arange(known.height, dtype=np.int64))
+    named = {"source_file", "source_row"} <= set(known.columns)
+    return seen, known.select("source_file", "source_row") if named else None
 
 
 def clean_preferences(
@@ -391,57 +424,81 @@ def clean_preferences(
 
     With `min_score_margin` set, scored pairs whose scores tie or whose
     score_chosen - score_rejected is below it are rejected; unscored rows are not.
+
+    Kept rows hold the normalized text; rejected rows the text as ingested (what the source said, which is what
+    a user fixing it looks for; it also spares a normalized copy of every rejected row).
     """
+    seen, known_sources = _known_pairs(known_hashes)
+    return _clean(raw, eval_fraction, seen, known_sources, min_score_margin)
+
+
+def _clean(raw: pl.DataFrame | pl.LazyFrame, eval_fraction: float, seen: FirstSeen,
+           known_sources: pl.DataFrame | None, min_score_margin: float | None) -> CleanResult:
+    """clean_preferences with the pairs kept earlier in `seen` (ids < 0; their sources, if named, in
+    `known_sources` at -1 - id). The rows of `raw` are added to `seen` with their row numbers as ids."""
+    import threading
+
     from . import text_kernels as tk
 
-    # Eager, slice by slice: the row-local work and the cutting of both tables run per slice on the thread pool,
-    # and the slices are never concatenated into one frame (selecting from a many-chunk frame rechunks every
-    # column: 0.4 GB at 2M rows); only deduplication looks at the whole table, through numpy arrays of hash words.
-    # (Lazily, polars 2.1's default streaming engine ran the window this replaced 4x slower, and panicked on the
-    # final filter + select with an assertion in pl.format.)
+    # Eager, slice by slice on the thread pool: a slice is normalized and hashed, then, in source order, its
+    # pairs are looked up in `seen` (the first valid occurrence wins and names the copy it kept; a null hash
+    # matches nothing), then its two tables are cut and the slice is dropped. Only one slice per thread holds a
+    # normalized copy of its text at a time, and the kept table copies out just its rows' rewritten strings.
+    # The slices' tables are never concatenated into one frame (selecting from a many-chunk frame rechunks every
+    # column: 0.4 GB at 2M rows). (Lazily, polars 2.1's default streaming engine ran a window version 4x slower,
+    # and panicked on the final filter + select with an assertion in pl.format.)
     df = _with_ingest_columns(raw.lazy()).select(_INPUT_COLUMNS).collect()  # no copy for a DataFrame
-    parts = _map(lambda part: _row_local(part, min_score_margin), _in_slices(df))
-    # first valid occurrence wins, in source order; it names the copy it kept. A null hash matches nothing.
-    valid = _numpy(parts, pl.col("reason").is_null())
-    use = valid & _numpy(parts, pl.col("_content_hi").is_not_null())
-    first = tk.first_occurrences(_numpy(parts, pl.col("_content_hi").fill_null(0)),
-                                 _numpy(parts, pl.col("_content_lo").fill_null(0)), use)
-    is_copy = use & (first != np.arange(len(first)))  # the kept copy is another row
-    known = known_hashes.to_frame("content_hash") if isinstance(known_hashes, pl.Series) else known_hashes
-    in_known = None
-    if known is not None:
-        # only the known pairs this table holds: a lookup set of the table's hashes is probed by the index, so
-        # the cost of a long history is one pass over its hashes, not a hash table of them
-        parts = [p.with_columns(_hex128(p, "_content", "content_hash")) for p in parts]
-        hashes = pl.concat([p.select("content_hash") for p in parts])["content_hash"]
-        known = known.filter(pl.col("content_hash").is_in(hashes.drop_nulls().implode()))
-        in_known = use & hashes.is_in(known["content_hash"].implode()).fill_null(False).to_numpy()
-        is_copy |= in_known
-        first[in_known] = -1  # the kept copy is the earlier one, not the first in this table (maybe the row itself)
-    offsets = np.cumsum([0] + [p.height for p in parts])
+    text = ["prompt", "chosen", "rejected"]
+    input_buffers = tk.data_buffers([df[c].to_arrow(compat_level=pl.CompatLevel.newest()) for c in text])
     sources = df.select("source_file", "source_row")
+    slices = _in_slices(df)
+    starts = np.cumsum([0] + [p.height for p in slices])
+    turns = [threading.Event() for _ in slices]
 
-    def tables(part: pl.DataFrame, start: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-        rows = slice(start, start + part.height)
+    def clean_slice(k: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+        try:
+            part = _row_local(slices[k], min_score_margin)
+            use = part.select(pl.col("reason").is_null() & pl.col("_content_hi").is_not_null()).to_series().to_numpy()
+            hi, lo = (part[c].fill_null(0).to_numpy() for c in ("_content_hi", "_content_lo"))
+            ids = np.arange(starts[k], starts[k + 1], dtype=np.int64)
+            if k:
+                turns[k - 1].wait()
+            first = seen.add(hi, lo, use, ids)
+        finally:
+            turns[k].set()  # also on an error: later slices must not wait forever (the error is raised anyway)
+        is_copy = use & (first != ids)
         part = part.with_columns(
-            pl.when(pl.Series(is_copy[rows])).then(pl.lit("duplicate_pair")).otherwise(pl.col("reason"))
-            .alias("reason"),
-            _first=pl.Series(first[rows]).to_frame().select(pl.when(pl.all() >= 0).then(pl.all())).to_series(),
-            **({"_known": pl.Series(in_known[rows])} if in_known is not None else {}))
+            pl.when(pl.Series(is_copy)).then(pl.lit("duplicate_pair")).otherwise(pl.col("reason")).alias("reason"),
+            _first=pl.Series(np.where(is_copy & (first >= 0), first, -1)).to_frame().select(
+                pl.when(pl.all() >= 0).then(pl.all())).to_series(),
+            _known=pl.Series(np.where(is_copy & (first < 0), -1 - first, -1)).to_frame().select(
+                pl.when(pl.all() >= 0).then(pl.all())).to_series())
         keep = part["reason"].is_null()
-        return _kept_table(part, keep, eval_fraction), _rejects_table(part, keep, known, sources)
+        kept = _kept_table(part, keep, eval_fraction, input_buffers)
+        part = part.with_columns(slices[k].select(text))  # the normalized text is dropped before rejects are cut
+        rejects = _rejects_table(part, keep, sources, known_sources)
+        return kept, rejects
 
-    kept, rejects = zip(*_map(tables, parts, list(offsets[:-1])))
+    kept, rejects = zip(*_map(clean_slice, list(range(len(slices)))))
     return CleanResult(kept=pl.concat(kept, rechunk=False), rejects=pl.concat(rejects, rechunk=False))
 
 
-# Each table is cut out of a slice with only its columns (string data is shared, not copied), then gets the
-# columns only it needs: hex hashes and the split for kept rows, the detail for rejected ones.
+# Each table is cut out of a slice with only its columns, then gets the columns only it needs: hex hashes and the
+# split for kept rows, the detail for rejected ones.
 
 
-def _kept_table(part: pl.DataFrame, keep: pl.Series, eval_fraction: float) -> pl.DataFrame:
+def _kept_table(part: pl.DataFrame, keep: pl.Series, eval_fraction: float,
+                input_buffers: dict[int, pa.Buffer]) -> pl.DataFrame:
+    from . import text_kernels as tk
+
     words = ["_prompt_hi", "_prompt_lo", "_content_hi", "_content_lo"]
     kept = part.select(*KEPT_COLUMNS[:5], *KEPT_COLUMNS[8:], *words).filter(keep)
+    # the rewritten strings of the kept rows only (a filter keeps every buffer; unchanged strings stay shared)
+    def own(s: pl.Series) -> pl.Series:
+        return tk.compact(s, input_buffers)
+
+    kept = kept.with_columns(map_contents(kept["prompt"], own, own),
+                             tk.compact(kept["chosen"], input_buffers), tk.compact(kept["rejected"], input_buffers))
     # the first 8 hex digits of prompt_hash, as a number: the top 32 bits of its high word
     bucket = (pl.col("_prompt_hi") // 2**32) % 10_000
     split = pl.when(bucket < int(round(eval_fraction * 10_000))).then(pl.lit("eval")).otherwise(pl.lit("train"))
@@ -449,8 +506,8 @@ def _kept_table(part: pl.DataFrame, keep: pl.Series, eval_fraction: float) -> pl
                        _hex128(kept, "_prompt", "prompt_hash"), split.alias("split"), *KEPT_COLUMNS[8:])
 
 
-def _rejects_table(part: pl.DataFrame, keep: pl.Series, known: pl.DataFrame | None,
-                   sources: pl.DataFrame) -> pl.DataFrame:
+def _rejects_table(part: pl.DataFrame, keep: pl.Series, sources: pl.DataFrame,
+                   known_sources: pl.DataFrame | None) -> pl.DataFrame:
     first_source = pl.format("{}:{}", pl.col("first_file"), pl.col("first_row"))
     detail = (
         pl.when(pl.col("error").is_not_null())
@@ -463,19 +520,23 @@ def _rejects_table(part: pl.DataFrame, keep: pl.Series, known: pl.DataFrame | No
         .when(pl.col("reason").is_not_null())
         .then(pl.format("{}:{}: {}", pl.col("source_file"), pl.col("source_row"), pl.col("reason")))
     )
-    reject_inputs = [*REJECT_COLUMNS[:3], *REJECT_COLUMNS[4:], "error", "_first", "score_chosen", "score_rejected"]
-    rejects = part.select(reject_inputs + (["content_hash", "_known"] if known is not None else [])).filter(~keep)
-    # the kept copy's source (a row of the whole table), gathered for the rejected rows only
-    rejects = rejects.with_columns(first_file=sources["source_file"].gather(rejects["_first"]),
-                                   first_row=sources["source_row"].gather(rejects["_first"]))
-    if known is not None and {"source_file", "source_row"} <= set(known.columns):
-        earlier = known.select("content_hash", _kf=pl.col("source_file"), _kr=pl.col("source_row")).unique(
-            "content_hash", keep="first")
-        rejects = rejects.join(earlier, on="content_hash", how="left", maintain_order="left").with_columns(
-            first_file=pl.when("_known").then("_kf").otherwise("first_file"),
-            first_row=pl.when("_known").then("_kr").otherwise("first_row"),
-        )
-    return rejects.select(pl.col(REJECT_COLUMNS[:3]), detail.alias("detail"), pl.col(REJECT_COLUMNS[4:]))
+    reject_inputs = [*REJECT_COLUMNS[:3], *REJECT_COLUMNS[4:], "error", "_first", "_known", "score_chosen",
+                     "score_rejected"]
+    rejects = part.select(reject_inputs).filter(~keep)
+    # the kept copy's source: a row of this table, or a pair kept earlier (named if its source was given)
+    first_file, first_row = sources["source_file"].gather(rejects["_first"]), sources["source_row"].gather(
+        rejects["_first"])
+    if known_sources is not None:
+        first_file = first_file.fill_null(known_sources["source_file"].gather(rejects["_known"]))
+        first_row = first_row.fill_null(known_sources["source_row"].gather(rejects["_known"]))
+    rejects = rejects.with_columns(first_file=first_file, first_row=first_row)
+    rejects = rejects.select(pl.col(REJECT_COLUMNS[:3]), detail.alias("detail"), pl.col(REJECT_COLUMNS[4:]))
+    # the same strings, gathered from one copy of each: a when/then of literals writes the text out for every
+    # row (30 MB more at 1M rejects)
+    codes = rejects["reason"].replace_strict(REASONS, range(len(REASONS)), default=None, return_dtype=pl.UInt32)
+    if codes.null_count() == 0:
+        rejects = rejects.with_columns(pl.Series("reason", REASONS).gather(codes))
+    return rejects
 
 
 def rows_accounting(raw: pl.DataFrame | pl.LazyFrame, result: CleanResult) -> pl.DataFrame:
@@ -549,17 +610,25 @@ def clean_in_batches(
     the pairs kept here).
     """
     columns = ["content_hash", "source_file", "source_row"]
-    index = known_hashes.select(columns) if known_hashes is not None else pl.DataFrame(
-        schema={"content_hash": pl.String, "source_file": pl.String, "source_row": pl.Int64})
+    known = known_hashes.select(columns) if known_hashes is not None else None
+    # one hash table for every batch: the pairs kept earlier, then each batch's; their sources in `named`
+    seen, named = _known_pairs(known)
+    named = named if named is not None else pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.Int64})
     totals: dict = {"batches": 0, "rows_in": 0, "kept": 0, "train": 0, "eval": 0, "rejected": 0,
                     "reasons": dict.fromkeys(REASONS, 0)}
     new_index, keys, accounting = [], [], []
     for i, batch in enumerate(batches):
-        result = clean_preferences(batch, eval_fraction=eval_fraction, known_hashes=index,
-                                   min_score_margin=min_score_margin)
+        before = seen.count
+        result = _clean(batch, eval_fraction, seen, named, min_score_margin)
         write(i, result)
         kept_index = result.kept.select(columns)
-        index = pl.concat([index, kept_index])
+        # the values this batch added are its kept pairs that have a hash, in order; their ids (the batch's row
+        # numbers) become their positions in `named`, as the known pairs' are
+        hashed = kept_index.filter(pl.col("content_hash").is_not_null())
+        if seen.count - before != hashed.height:
+            raise AssertionError(f"batch {i}: {seen.count - before} new hashes for {hashed.height} kept pairs")
+        seen.key_id[before:seen.count] = -1 - (named.height + np.arange(hashed.height, dtype=np.int64))
+        named = pl.concat([named, hashed.select("source_file", "source_row")])
         new_index.append(kept_index)
         keys.append(result.kept.select("split", "content_hash"))
         accounting.append(rows_accounting(batch, result))
@@ -571,7 +640,8 @@ def clean_in_batches(
         totals["rejected"] += result.rejects.height
         for reason, n in result.reason_counts().items():
             totals["reasons"][reason] += n
-    totals["kept_index"] = pl.concat(new_index) if new_index else index.clear()
+    totals["kept_index"] = pl.concat(new_index) if new_index else pl.DataFrame(
+        schema={"content_hash": pl.String, "source_file": pl.String, "source_row": pl.Int64})
     totals["digest"] = table_digest(pl.concat(keys) if keys else pl.DataFrame(schema={"split": pl.String,
                                                                                       "content_hash": pl.String}))
     counts = pl.col("rows_in", "kept", "rejected")

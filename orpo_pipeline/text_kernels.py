@@ -7,7 +7,9 @@
 - `apply_rules` / `rules`: every other rule in one pass over each string that needs it, instead of a chain of
   regexes; a string that only needs stripping becomes a view of part of itself, the others share one new buffer.
 - `pair_texts`: the prompt key and the pair that clean.py hashes, built in one pass over one buffer.
-- `hex_digests`, `first_occurrences`: hex text of 128-bit hashes, and the first row of each hash (a hash table).
+- `hex_digests`, `hex_words`, `FirstSeen`: hex text of 128-bit hashes and back, and the first row of each hash
+  (a hash table that grows slice by slice).
+- `compact`: a filtered column's rewritten strings copied out of the buffers it shares with dropped rows.
 
 The kernels read the Arrow string-view buffers polars hands out without a copy, and make string views over new
 buffers; they test 8 bytes at a time where text is plain ASCII, release the GIL (clean.py runs slices on a thread
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 
 import numba
+from numba.extending import intrinsic
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -50,39 +53,60 @@ def code_point_classes() -> np.ndarray:
 # ---------------------------------------------------------------- buffers
 
 
-def _view_buffers(arr: pa.Array) -> tuple[np.ndarray, numba.typed.List]:
-    """The 16-byte views of a string_view array (from its offset on) and its data buffers, without a copy."""
+def _view_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The 16-byte views of a string_view array (from its offset on; a copy, ~1 MB a slice) and its data buffers
+    as (address, size) rows, for `_bytes` / `_words` to read without a copy. The caller keeps `arr` alive.
+
+    Not a numba typed List of arrays: building one cost ~5 us a buffer, and a slice of a 2M-row column shares
+    its ~240 buffers, which made that 15 ms a kernel call, 10% of cleaning's time."""
     bufs = arr.buffers()
-    views = np.frombuffer(bufs[1], dtype=np.uint8)[arr.offset * 16 : (arr.offset + len(arr)) * 16]
-    data = numba.typed.List.empty_list(numba.types.Array(numba.types.uint8, 1, "C", readonly=True))
-    for b in bufs[2:]:
-        data.append(np.frombuffer(b, dtype=np.uint8) if b is not None and b.size else _EMPTY)
-    if len(data) == 0:
-        data.append(_EMPTY)
+    views = np.frombuffer(bufs[1], dtype=np.uint8)[arr.offset * 16 : (arr.offset + len(arr)) * 16].copy()
+    data = np.array([(b.address, b.size) if b is not None and b.size else (_EMPTY_ADDRESS, 0) for b in bufs[2:]]
+                    or [(_EMPTY_ADDRESS, 0)], dtype=np.int64)
     return views, data
 
 
-_EMPTY = np.frombuffer(b"\0", dtype=np.uint8)[:0]
+_EMPTY_BACKING = np.zeros(1, dtype=np.uint64)  # an aligned address for empty buffers
+_EMPTY_ADDRESS = _EMPTY_BACKING.ctypes.data
 # a string view holds a 32-bit offset into its buffer: new buffers of 2 GiB or more take the polars way
 MAX_VIEW_BUFFER = 2**31
 
 
+@intrinsic
+def _u8_pointer(typingctx, address):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return numba.types.CPointer(numba.types.uint8)(numba.types.int64), codegen
+
+
+@intrinsic
+def _u64_pointer(typingctx, address):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return numba.types.CPointer(numba.types.uint64)(numba.types.int64), codegen
+
+
+@numba.njit(inline="always")
+def _bytes(data, b):
+    """Data buffer b as a byte array (no copy, no reference count)."""
+    return numba.carray(_u8_pointer(data[b, 0]), (data[b, 1],))
+
+
+@numba.njit(inline="always")
+def _words(data, b):
+    """Data buffer b as its whole 64-bit words (none if it is not 8-byte aligned), so a kernel can test 8 bytes
+    at a time."""
+    n = data[b, 1] // 8 if data[b, 0] % 8 == 0 else 0
+    return numba.carray(_u64_pointer(data[b, 0]), (n,))
+
+
 def _scratch(n: int) -> np.ndarray:
-    """An uninitialized byte array from pyarrow's memory pool (mimalloc), for a buffer dropped right after use:
+    """An uninitialized byte array from pyarrow's memory pool (mimalloc), for a buffer dropped with its slice:
     the pool hands its memory to the next slice's, where numpy's malloc gives fresh pages that fault on first
     write (pair_texts ran 18% faster this way)."""
     return np.frombuffer(pa.allocate_buffer(max(n, 1)), dtype=np.uint8)[:n]
-_NO_WORDS = np.zeros(0, dtype=np.uint64)
-
-
-def _word_buffers(data: numba.typed.List) -> numba.typed.List:
-    """Each data buffer as 64-bit words (those whole words of it; none if it is not 8-byte aligned), so a kernel
-    can test 8 bytes at a time."""
-    words = numba.typed.List.empty_list(numba.types.Array(numba.types.uint64, 1, "C", readonly=True))
-    for b in data:
-        aligned = b.ctypes.data % 8 == 0 and b.size >= 8
-        words.append(b[: b.size // 8 * 8].view(np.uint64) if aligned else _NO_WORDS)
-    return words
 
 
 def _string_view(s: pl.Series) -> pa.Array:
@@ -207,15 +231,16 @@ def _scan_string(buf, wbuf, start, n, classes, special):
 
 
 @numba.njit(nogil=True, cache=True)
-def _scan(views, data, words, classes, special, out):
-    current, buf, wbuf, inline = -1, views, words[0], words[0][:0]
+def _scan(views, data, classes, special, out):
+    current, buf, wbuf = -1, _bytes(data, 0), _words(data, 0)
+    inline = wbuf[:0]
     for i in range(out.shape[0]):
         b, start, n = _locate(views, i)
         if b < 0:
             out[i] = _scan_string(views, inline, start, n, classes, special)
             continue
         if b != current:
-            buf, wbuf, current = data[b], words[b], b
+            buf, wbuf, current = _bytes(data, b), _words(data, b), b
         out[i] = _scan_string(buf, wbuf, start, n, classes, special)
 
 
@@ -227,7 +252,7 @@ def scan(s: pl.Series) -> np.ndarray:
     out = np.zeros(len(arr), dtype=np.uint8)
     if len(arr):
         views, data = _view_buffers(arr)
-        _scan(views, data, _word_buffers(data), code_point_classes(), _SPECIAL_BYTES, out)
+        _scan(views, data, code_point_classes(), _SPECIAL_BYTES, out)
         if arr.null_count:
             out[s.is_null().to_numpy()] = 0
     return out
@@ -300,9 +325,10 @@ def _rules_string(buf, wbuf, start, n, classes, special, out, pos):
 
 
 @numba.njit(nogil=True, cache=True)
-def _rules(views, data, words, classes, special, offsets, out):
+def _rules(views, data, classes, special, offsets, out):
     pos = 0
-    current, buf, wbuf, inline = -1, views, words[0], words[0][:0]
+    current, buf, wbuf = -1, _bytes(data, 0), _words(data, 0)
+    inline = wbuf[:0]
     for i in range(offsets.shape[0] - 1):
         offsets[i] = pos
         b, start, n = _locate(views, i)
@@ -310,7 +336,7 @@ def _rules(views, data, words, classes, special, offsets, out):
             pos = _rules_string(views, inline, start, n, classes, special, out, pos)
             continue
         if b != current:
-            buf, wbuf, current = data[b], words[b], b
+            buf, wbuf, current = _bytes(data, b), _words(data, b), b
         pos = _rules_string(buf, wbuf, start, n, classes, special, out, pos)
     offsets[offsets.shape[0] - 1] = pos
     return pos
@@ -328,7 +354,7 @@ def rules(s: pl.Series) -> pl.Series:
     offsets = np.zeros(n + 1, dtype=np.int64)
     out = np.empty(max(int(s.str.len_bytes().sum()), 1), dtype=np.uint8)  # no rule lengthens a string
     views, data = _view_buffers(arr)
-    used = _rules(views, data, _word_buffers(data), code_point_classes(), _SPECIAL_BYTES, offsets, out)
+    used = _rules(views, data, code_point_classes(), _SPECIAL_BYTES, offsets, out)
     return _from_buffers(s.name, n, offsets, out[:used])
 
 
@@ -349,9 +375,10 @@ def _view_to(views, i, src, start, n, buffer):
 
 
 @numba.njit(nogil=True, cache=True)
-def _apply_rules(views, data, words, flags, classes, special, out_views, out, new_buffer):
+def _apply_rules(views, data, flags, classes, special, out_views, out, new_buffer):
     pos = 0
-    current, buf, wbuf, inline = -1, views, words[0], words[0][:0]
+    current, buf, wbuf = -1, _bytes(data, 0), _words(data, 0)
+    inline = wbuf[:0]
     for i in range(flags.shape[0]):
         f = flags[i] & (ALL ^ NFC)  # a string flagged NFC is NFC already, and NFC gives no other rule work
         if f == 0:  # unchanged: the same view
@@ -363,7 +390,7 @@ def _apply_rules(views, data, words, flags, classes, special, out_views, out, ne
             sbuf, swords = views, inline
         else:
             if b != current:
-                buf, wbuf, current = data[b], words[b], b
+                buf, wbuf, current = _bytes(data, b), _words(data, b), b
             sbuf, swords = buf, wbuf
         if f == END_WHITE:  # only stripping to do: a view of part of the string, nothing copied
             end = start + n
@@ -408,7 +435,7 @@ def apply_rules(s: pl.Series, flags: np.ndarray) -> pl.Series:
     buffers = [b if b is not None else pa.py_buffer(b"") for b in arr.buffers()[2:]]  # as `data` indexes them
     out_views = np.empty(16 * n, dtype=np.uint8)
     out = np.empty(max(size, 1), dtype=np.uint8)
-    used = _apply_rules(views, data, _word_buffers(data), flags, code_point_classes(), _SPECIAL_BYTES, out_views,
+    used = _apply_rules(views, data, flags, code_point_classes(), _SPECIAL_BYTES, out_views,
                         out, len(buffers))
     bitmap, nulls = _validity(_valid(arr))
     result = pa.Array.from_buffers(pa.string_view(), n, [bitmap, pa.py_buffer(out_views), *buffers,
@@ -597,7 +624,7 @@ def _nfc_string(buf, start, n, classes, ccc, unassigned, dstart, dlen, dflat, ke
 @numba.njit(nogil=True, cache=True)
 def _nfc(views, data, classes, ccc, unassigned, dstart, dlen, dflat, keys, values, offsets, out, fallback, seg):
     pos = 0
-    current, buf = -1, views
+    current, buf = -1, _bytes(data, 0)
     for i in range(offsets.shape[0] - 1):
         offsets[i] = pos
         b, start, n = _locate(views, i)
@@ -606,7 +633,7 @@ def _nfc(views, data, classes, ccc, unassigned, dstart, dlen, dflat, keys, value
                                            values, out, pos, seg)
             continue
         if b != current:
-            buf, current = data[b], b
+            buf, current = _bytes(data, b), b
         pos, fallback[i] = _nfc_string(buf, start, n, classes, ccc, unassigned, dstart, dlen, dflat, keys, values,
                                        out, pos, seg)
     offsets[offsets.shape[0] - 1] = pos
@@ -647,10 +674,10 @@ def _pair_texts(list_offsets, list_valid, message_valid, role_views, role_data, 
     # each column's current data buffer is cached, and changed only when a string lies in another one; the four
     # copies are written out because a helper returning the buffer would cost ~80 ns a call (numba increfs it)
     pos = 0
-    role_buf, role_at = role_views, -1
-    content_buf, content_at = content_views, -1
-    chosen_buf, chosen_at = chosen_views, -1
-    rejected_buf, rejected_at = rejected_views, -1
+    role_buf, role_at = _bytes(role_data, 0), -1
+    content_buf, content_at = _bytes(content_data, 0), -1
+    chosen_buf, chosen_at = _bytes(chosen_data, 0), -1
+    rejected_buf, rejected_at = _bytes(rejected_data, 0), -1
     for i in range(list_valid.shape[0]):
         if not list_valid[i]:
             _view_to(key_views, i, out, pos, 0, 0)
@@ -670,7 +697,7 @@ def _pair_texts(list_offsets, list_valid, message_valid, role_views, role_data, 
                 pos = _copy(role_views, start, start + n, out, pos)
             else:
                 if b != role_at:
-                    role_buf, role_at = role_data[b], b
+                    role_buf, role_at = _bytes(role_data, b), b
                 pos = _copy(role_buf, start, start + n, out, pos)
             out[pos] = 0x1F
             pos += 1
@@ -679,7 +706,7 @@ def _pair_texts(list_offsets, list_valid, message_valid, role_views, role_data, 
                 pos = _copy(content_views, start, start + n, out, pos)
             else:
                 if b != content_at:
-                    content_buf, content_at = content_data[b], b
+                    content_buf, content_at = _bytes(content_data, b), b
                 pos = _copy(content_buf, start, start + n, out, pos)
         key_end = pos
         if chosen_valid[i] and rejected_valid[i]:
@@ -690,7 +717,7 @@ def _pair_texts(list_offsets, list_valid, message_valid, role_views, role_data, 
                 pos = _copy(chosen_views, start, start + n, out, pos)
             else:
                 if b != chosen_at:
-                    chosen_buf, chosen_at = chosen_data[b], b
+                    chosen_buf, chosen_at = _bytes(chosen_data, b), b
                 pos = _copy(chosen_buf, start, start + n, out, pos)
             out[pos] = 0x1D
             pos += 1
@@ -699,7 +726,7 @@ def _pair_texts(list_offsets, list_valid, message_valid, role_views, role_data, 
                 pos = _copy(rejected_views, start, start + n, out, pos)
             else:
                 if b != rejected_at:
-                    rejected_buf, rejected_at = rejected_data[b], b
+                    rejected_buf, rejected_at = _bytes(rejected_data, b), b
                 pos = _copy(rejected_buf, start, start + n, out, pos)
         _view_to(key_views, i, out, first, key_end - first, 0)
         _view_to(full_views, i, out, first, pos - first, 0)
@@ -776,34 +803,182 @@ def hex_digests(hi: np.ndarray, lo: np.ndarray, valid: np.ndarray, name: str) ->
 
 # ---------------------------------------------------------------- first occurrences
 
+_HEX_VALUES = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX_VALUES[_c] = _HEX_VALUES[ord(chr(_c).upper())] = _i
+
 
 @numba.njit(nogil=True, cache=True)
-def _first_occurrences(hi, lo, use, first):
-    size = 1
-    while size < 2 * use.shape[0]:
-        size *= 2
-    table = np.full(size, -1, dtype=np.int64)  # open addressing: row of the first occurrence, or -1
-    mask = size - 1
+def _hex_words(views, data, valid, values, hi, lo, ok):
+    for i in range(valid.shape[0]):
+        b, start, n = _locate(views, i)
+        ok[i] = False
+        if not valid[i] or n != 32:
+            continue
+        buf = views if b < 0 else _bytes(data, b)
+        h, w = np.uint64(0), np.uint64(0)
+        bad = False
+        for t in range(32):
+            d = values[buf[start + t]]
+            if d > 15:
+                bad = True
+                break
+            if t < 16:
+                h = (h << np.uint64(4)) | np.uint64(d)
+            else:
+                w = (w << np.uint64(4)) | np.uint64(d)
+        if not bad:
+            hi[i], lo[i], ok[i] = h, w, True
+
+
+def hex_words(s: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`hex_digests` read back: the high and low words of each 32-hex-digit string, and where it is one (a null,
+    or text of another length or with other characters, is not)."""
+    arr = _string_view(s)
+    n = len(arr)
+    hi, lo, ok = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.bool_)
+    if n:
+        views, data = _view_buffers(arr)
+        _hex_words(views, data, _valid(arr), _HEX_VALUES, hi, lo, ok)
+    return hi, lo, ok
+
+
+@numba.njit(nogil=True, cache=True)
+def _first_seen(hi, lo, use, ids, slots, key_hi, key_lo, key_id, count, first):
+    mask = slots.shape[0] - 1
     for i in range(use.shape[0]):
         if not use[i]:
-            first[i] = -1
+            first[i] = ids[i]
             continue
         h = np.int64(lo[i] & np.uint64(mask))  # xxh3's low word is uniform: no further mixing needed
         while True:
-            j = table[h]
-            if j < 0:
-                table[h] = i
-                first[i] = i
+            k = slots[h]
+            if k < 0:  # open addressing: a new value takes the first free slot
+                slots[h] = count
+                key_hi[count], key_lo[count], key_id[count] = hi[i], lo[i], ids[i]
+                count += 1
+                first[i] = ids[i]
                 break
-            if lo[j] == lo[i] and hi[j] == hi[i]:
-                first[i] = j
+            if key_lo[k] == lo[i] and key_hi[k] == hi[i]:
+                first[i] = key_id[k]
                 break
             h = (h + 1) & mask
+    return count
 
 
-def first_occurrences(hi: np.ndarray, lo: np.ndarray, use: np.ndarray) -> np.ndarray:
-    """For each row where `use` holds, the first such row with the same 128-bit value (high and low words);
-    -1 elsewhere. One pass with a hash table: ~4x a polars window over the hex digests."""
-    first = np.empty(use.shape[0], dtype=np.int64)
-    _first_occurrences(hi, lo, use, first)
-    return first
+@numba.njit(nogil=True, cache=True)
+def _rehash(key_lo, count, slots):
+    mask = slots.shape[0] - 1
+    for k in range(count):
+        h = np.int64(key_lo[k] & np.uint64(mask))
+        while slots[h] >= 0:
+            h = (h + 1) & mask
+        slots[h] = k
+
+
+class FirstSeen:
+    """128-bit values (high and low words) seen so far, each with the id of the row that showed it first.
+
+    Rows are added in batches (`add`), in order; each gets the id of the first row with its value, its own id
+    if none came before. One hash table for every batch, so a table cleaned slice by slice dedups across slices
+    without holding them all, and batches across batches. `key_id[:count]` are the ids of the values, in the
+    order they came first; a caller may rename them (clean.py: ids >= 0 are rows of the table being cleaned,
+    ids < 0 pairs kept earlier)."""
+
+    def __init__(self, capacity: int = 0):
+        self.count = 0
+        self._allocate(max(capacity, 1024))
+
+    def _allocate(self, capacity: int) -> None:
+        size = 1
+        while size < 2 * capacity:
+            size *= 2
+        old = (self.key_hi[: self.count], self.key_lo[: self.count], self.key_id[: self.count]) if self.count else None
+        self.key_hi = np.empty(capacity, dtype=np.uint64)
+        self.key_lo = np.empty(capacity, dtype=np.uint64)
+        self.key_id = np.empty(capacity, dtype=np.int64)
+        self.slots = np.full(size, -1, dtype=np.int64)
+        if old is not None:
+            self.key_hi[: self.count], self.key_lo[: self.count], self.key_id[: self.count] = old
+            _rehash(self.key_lo, self.count, self.slots)
+
+    def add(self, hi: np.ndarray, lo: np.ndarray, use: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """For each row where `use` holds, the id of the first row seen with its value (its own id if new);
+        its own id elsewhere."""
+        need = self.count + int(np.count_nonzero(use))
+        if need > self.key_id.shape[0]:
+            self._allocate(max(need, 2 * self.key_id.shape[0]))
+        first = np.empty(use.shape[0], dtype=np.int64)
+        self.count = _first_seen(hi, lo, use, ids, self.slots, self.key_hi, self.key_lo, self.key_id, self.count,
+                                 first)
+        return first
+
+
+# ---------------------------------------------------------------- compaction
+
+
+@numba.njit(nogil=True, cache=True)
+def _compact(views, data, copy, remap, out_views, out, new_buffer):
+    pos = 0
+    for i in range(views.shape[0] // 16):
+        b, start, n = _locate(views, i)
+        if b < 0 or not copy[b]:
+            for t in range(16):
+                out_views[i * 16 + t] = views[i * 16 + t]
+            if b >= 0:
+                r = remap[b]
+                for t in range(4):
+                    out_views[i * 16 + 8 + t] = (r >> (8 * t)) & 0xFF
+            continue
+        _copy(_bytes(data, b), start, start + n, out, pos)
+        _view_to(out_views, i, out, pos, n, new_buffer)
+        pos += n
+    return pos
+
+
+def data_buffers(arrays: list[pa.Array]) -> dict[int, pa.Buffer]:
+    """The data buffers of string_view arrays (children of lists and structs included), by address."""
+    out: dict[int, pa.Buffer] = {}
+    stack = list(arrays)
+    while stack:
+        a = stack.pop()
+        if isinstance(a, pa.ChunkedArray):
+            stack.extend(a.chunks)
+            continue
+        if pa.types.is_string_view(a.type):
+            out.update((b.address, b) for b in a.buffers()[2:] if b is not None)
+        elif pa.types.is_list(a.type) or pa.types.is_large_list(a.type):
+            stack.append(a.values)
+        elif pa.types.is_struct(a.type):
+            stack.extend(a.field(k) for k in range(a.type.num_fields))
+    return out
+
+
+def compact(s: pl.Series, keep: dict[int, pa.Buffer]) -> pl.Series:
+    """`s` with its strings that lie in data buffers other than `keep`'s (by address) copied into one new buffer
+    of just their bytes, and its views and validity copied: the result refers to `keep`'s buffer objects and its
+    own, nothing else.
+
+    A filtered column still holds every buffer its strings came from, and a buffer that came through the Arrow
+    C interface (polars -> pyarrow) keeps its whole exported array alive: this lets a table keep only the
+    rewritten strings of its own rows and share its input's (`keep`, exported from the input once)."""
+    arr = _string_view(s)
+    buffers = [b if b is not None else pa.py_buffer(b"") for b in arr.buffers()[2:]]
+    copy = np.array([b.address not in keep for b in buffers], dtype=np.bool_)
+    if len(arr) == 0:
+        return s
+    views, data = _view_buffers(arr)
+    kept = [keep[b.address] for b, c in zip(buffers, copy) if not c]
+    remap = np.cumsum(~copy) - 1
+    sizes = views.view(np.uint32).reshape(-1, 4)  # length, prefix, buffer, offset
+    long = sizes[:, 0] > 12
+    size = int(sizes[long, 0][copy[sizes[long, 2]]].sum(dtype=np.int64)) if copy.any() else 0
+    if size >= MAX_VIEW_BUFFER:
+        return s
+    out_views = np.empty(16 * len(arr), dtype=np.uint8)
+    out = np.empty(max(size, 1), dtype=np.uint8)
+    _compact(views, data, copy, remap.astype(np.int64), out_views, out, len(kept))
+    bitmap, nulls = _validity(_valid(arr))
+    return pl.Series(s.name, pa.Array.from_buffers(pa.string_view(), len(arr),
+                                                   [bitmap, pa.py_buffer(out_views), *kept,
+                                                    *([pa.py_buffer(out)] if size else [])], nulls))

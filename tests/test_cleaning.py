@@ -72,6 +72,41 @@ def test_kept_rows_carry_source_hash_and_normalized_text(tmp_path):
     assert row["content_hash"] == xxhash.xxh3_128_hexdigest("\x1d".join([key, "Yes indeed", "No"]).encode())
 
 
+def test_rejects_keep_the_text_as_ingested_and_kept_rows_only_their_own_rewritten_strings(monkeypatch):
+    """A reject holds what its source said (the duplicate's own surface form, the whitespace that made a field
+    empty), not the normalized text; the kept table, cut slice by slice, holds new bytes only for its own
+    rewritten strings: those of rejected rows are not kept alive with it."""
+    import pyarrow as pa
+
+    monkeypatch.setattr(clean, "SLICE_ROWS", 64)
+    monkeypatch.setattr(clean, "MIN_SLICE_ROWS", 64)
+    rows = []
+    for i in range(300):
+        text = f"answer number {i} with enough text to live outside the view"
+        rows.append(("s", 2 * i + 1, [{"role": "user", "content": f"question {i} \r\n"}], text + " \r\nmore", "no",
+                     *[None] * 5))
+        rows.append(("s", 2 * i + 2, [{"role": "user", "content": f"question {i}"}], text + "\u00a0\r\nmore ", "no",
+                     *[None] * 5))  # the same pair in another surface form
+    rows.append(("s", 601, [{"role": "user", "content": "q"}], " \u200b ", "no", *[None] * 5))
+    raw = pl.DataFrame(rows, schema=RAW_SCHEMA, orient="row")
+    result = clean_preferences(raw)
+    assert result.kept.height == 300 and result.rejects.height == 301
+    dups = result.rejects.filter(pl.col("reason") == "duplicate_pair")
+    assert dups["chosen"].to_list() == [r[3] for r in rows[1:600:2]]
+    assert [p[0]["content"] for p in dups["prompt"].to_list()] == [r[2][0]["content"] for r in rows[1:600:2]]
+    empty = result.rejects.filter(pl.col("reason") == "empty_chosen").row(0, named=True)
+    assert empty["chosen"] == " \u200b " and empty["source_row"] == 601
+    assert result.kept["chosen"].to_list() == [r[3].replace(" \r\n", "\n") for r in rows[0:600:2]]
+
+    def buffers(s: pl.Series) -> dict[int, int]:
+        arr = s.to_arrow(compat_level=pl.CompatLevel.newest())
+        chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+        return {b.address: b.size for c in chunks for b in c.buffers()[2:] if b is not None}
+
+    new = {a: n for a, n in buffers(result.kept["chosen"]).items() if a not in buffers(raw["chosen"])}
+    assert sum(new.values()) == sum(len(t.encode()) for t in result.kept["chosen"].to_list())
+
+
 def test_split_is_by_prompt_and_stable_when_data_is_added():
     raw = read_preference_dir(SAMPLE_DATA_DIR)
     full = clean_preferences(raw, eval_fraction=0.3).kept

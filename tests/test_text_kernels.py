@@ -97,17 +97,65 @@ def test_rules_on_a_sliced_column_with_many_buffers():
     assert tk.rules(s).to_list() == [_rules_by_regex(t) for t in texts[7:50_007]]
 
 
-def test_first_occurrences_equal_a_dict_of_first_rows():
+def test_first_seen_equals_a_dict_of_first_rows_across_batches():
+    """Values added in batches, with ids that are not row numbers (negative ones too), through several growths
+    of the table."""
     import numpy as np
 
     rng = np.random.default_rng(3)
-    n = 20_000
-    hi = rng.integers(0, 40, n, dtype=np.uint64)  # few values: many repeats
-    lo = rng.integers(0, 2, n, dtype=np.uint64) << np.uint64(40)  # low words alike: every probe collides
-    use = rng.random(n) < 0.9
-    seen: dict[tuple[int, int], int] = {}
-    expected = [seen.setdefault((int(h), int(w)), i) if u else -1 for i, (h, w, u) in enumerate(zip(hi, lo, use))]
-    assert tk.first_occurrences(hi, lo, use).tolist() == expected
+    seen_table, seen = tk.FirstSeen(), {}
+    for batch in range(12):
+        n = 2_000
+        hi = rng.integers(0, 400, n, dtype=np.uint64)  # few values: many repeats
+        lo = rng.integers(0, 2, n, dtype=np.uint64) << np.uint64(40)  # low words alike: every probe collides
+        use = rng.random(n) < 0.9
+        ids = np.arange(n, dtype=np.int64) * 3 - 5_000 + batch * 7_000
+        expected = [seen.setdefault((int(h), int(w)), int(i)) if u else int(i) for h, w, u, i in zip(hi, lo, use, ids)]
+        assert seen_table.add(hi, lo, use, ids).tolist() == expected
+    assert seen_table.count == len(seen) and seen_table.key_id[: seen_table.count].tolist() == list(seen.values())
+
+
+def test_hex_words_read_back_hex_digests_and_refuse_other_text():
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    hi, lo = rng.integers(0, 2**64, 1000, dtype=np.uint64), rng.integers(0, 2**64, 1000, dtype=np.uint64)
+    digests = tk.hex_digests(hi, lo, np.ones(1000, dtype=bool), "h")
+    assert digests[0] == f"{int(hi[0]):016x}{int(lo[0]):016x}"
+    others = pl.Series("h", [None, "", "0" * 31, "0" * 33, "g" + "0" * 31, digests[5].upper()])
+    back_hi, back_lo, ok = tk.hex_words(pl.concat([digests, others]))
+    assert ok.tolist() == [True] * 1000 + [False] * 5 + [True]
+    assert (back_hi[:1000] == hi).all() and (back_lo[:1000] == lo).all()
+    assert (back_hi[-1], back_lo[-1]) == (hi[5], lo[5])
+
+
+def _data_bytes(s: pl.Series) -> dict[int, int]:
+    arr = s.to_arrow(compat_level=pl.CompatLevel.newest())
+    return {b.address: b.size for b in arr.buffers()[2:] if b is not None}
+
+
+def test_compact_copies_only_strings_outside_the_kept_buffers():
+    """A column gathered from an input and a rewritten copy: after compaction it holds the input's buffers
+    (shared) and one new buffer of exactly its own rewritten long strings; values, nulls and short strings
+    stay the same, also for a sliced column."""
+    import numpy as np
+
+    source = pl.Series([f"input string number {i}" for i in range(50_000)] + [None, "short"])
+    keep = tk.data_buffers([source.to_arrow(compat_level=pl.CompatLevel.newest())])
+    rewritten = pl.Series([f"rewritten {i} " * (i % 4) for i in range(50_002)])
+    pos = np.r_[np.arange(0, 50_002, 2), 50_002 + np.arange(0, 50_002, 5)]
+    mixed = pl.concat([source, rewritten], rechunk=True).gather(pos)
+    from_rewritten = pos >= 50_002
+    for lo, hi in ((0, len(pos)), (20_000, 40_000), (1_000, 11_000)):
+        column = mixed.slice(lo, hi - lo)
+        out = tk.compact(column, keep)
+        assert out.to_list() == column.to_list()
+        new = {a: n for a, n in _data_bytes(out).items() if a not in keep}
+        lengths = column.str.len_bytes().fill_null(0).to_numpy()
+        own = int(lengths[from_rewritten[lo:hi] & (lengths > 12)].sum())
+        assert sum(new.values()) == own and len(new) == (own > 0)
+    same = tk.compact(source, keep)  # nothing to copy
+    assert same.to_list() == source.to_list() and set(_data_bytes(same)) <= set(keep)
 
 
 def test_apply_rules_rewrites_flagged_strings_and_keeps_the_others():
