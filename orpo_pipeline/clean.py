@@ -429,7 +429,30 @@ def clean_preferences(
     a user fixing it looks for; it also spares a normalized copy of every rejected row).
     """
     seen, known_sources = _known_pairs(known_hashes)
-    return _clean(raw, eval_fraction, seen, known_sources, min_score_margin)
+    result = _clean(raw, eval_fraction, seen, known_sources, min_score_margin)
+    release_free_heap()
+    return result
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_heap() -> None:
+    """Hand the free pages of glibc's heaps back to the system (malloc_trim; nothing off glibc).
+
+    A batch's temporary arrays are freed between buffers that live on, and glibc gives back only the top of a
+    heap by itself: cleaning 2M pairs 50k at a time ended holding ~470 MB of free heap pages, and peaked
+    200-300 MB higher, at the same speed."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _clean(raw: pl.DataFrame | pl.LazyFrame, eval_fraction: float, seen: FirstSeen,
@@ -631,6 +654,7 @@ def clean_in_batches(
         named = pl.concat([named, hashed.select("source_file", "source_row")])
         new_index.append(kept_index)
         keys.append(result.kept.select("split", "content_hash"))
+        release_free_heap()
         accounting.append(rows_accounting(batch, result))
         totals["batches"] += 1
         totals["rows_in"] += batch.height
