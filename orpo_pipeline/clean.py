@@ -399,6 +399,27 @@ def _map(fn: Callable, *args: list) -> list:
         return list(pool.map(fn, *args))
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_free_heap() -> None:
+    """Hand the free pages of glibc's heaps back to the system (malloc_trim; nothing off glibc).
+
+    A batch's temporary arrays are freed between buffers that live on, and glibc gives back only the top of a
+    heap by itself: cleaning 2M pairs 50k at a time ended holding ~470 MB of free heap pages, and peaked
+    200-300 MB higher, at the same speed."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _known_pairs(known_hashes: pl.Series | pl.DataFrame | None) -> tuple[FirstSeen, pl.DataFrame | None]:
     """A FirstSeen holding the known content hashes (known pair i has id -1 - i) and, if given, their sources."""
     from .text_kernels import FirstSeen, hex_words
@@ -430,29 +451,8 @@ def clean_preferences(
     """
     seen, known_sources = _known_pairs(known_hashes)
     result = _clean(raw, eval_fraction, seen, known_sources, min_score_margin)
-    release_free_heap()
+    _release_free_heap()
     return result
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def release_free_heap() -> None:
-    """Hand the free pages of glibc's heaps back to the system (malloc_trim; nothing off glibc).
-
-    A batch's temporary arrays are freed between buffers that live on, and glibc gives back only the top of a
-    heap by itself: cleaning 2M pairs 50k at a time ended holding ~470 MB of free heap pages, and peaked
-    200-300 MB higher, at the same speed."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _clean(raw: pl.DataFrame | pl.LazyFrame, eval_fraction: float, seen: FirstSeen,
@@ -490,12 +490,10 @@ def _clean(raw: pl.DataFrame | pl.LazyFrame, eval_fraction: float, seen: FirstSe
         finally:
             turns[k].set()  # also on an error: later slices must not wait forever (the error is raised anyway)
         is_copy = use & (first != ids)
+        # the kept copy of a duplicate: a row of this table (`_first`) or a pair kept earlier (`_known`)
         part = part.with_columns(
             pl.when(pl.Series(is_copy)).then(pl.lit("duplicate_pair")).otherwise(pl.col("reason")).alias("reason"),
-            _first=pl.Series(np.where(is_copy & (first >= 0), first, -1)).to_frame().select(
-                pl.when(pl.all() >= 0).then(pl.all())).to_series(),
-            _known=pl.Series(np.where(is_copy & (first < 0), -1 - first, -1)).to_frame().select(
-                pl.when(pl.all() >= 0).then(pl.all())).to_series())
+            _first=_where(is_copy & (first >= 0), first), _known=_where(is_copy & (first < 0), -1 - first))
         keep = part["reason"].is_null()
         kept = _kept_table(part, keep, eval_fraction, input_buffers)
         part = part.with_columns(slices[k].select(text))  # the normalized text is dropped before rejects are cut
@@ -504,6 +502,11 @@ def _clean(raw: pl.DataFrame | pl.LazyFrame, eval_fraction: float, seen: FirstSe
 
     kept, rejects = zip(*_map(clean_slice, list(range(len(slices)))))
     return CleanResult(kept=pl.concat(kept, rechunk=False), rejects=pl.concat(rejects, rechunk=False))
+
+
+def _where(mask: np.ndarray, values: np.ndarray) -> pl.Series:
+    """`values` where `mask` holds, null elsewhere."""
+    return pl.Series(values).to_frame("v").select(pl.when(pl.Series(mask)).then("v")).to_series()
 
 
 # Each table is cut out of a slice with only its columns, then gets the columns only it needs: hex hashes and the
@@ -516,12 +519,10 @@ def _kept_table(part: pl.DataFrame, keep: pl.Series, eval_fraction: float,
 
     words = ["_prompt_hi", "_prompt_lo", "_content_hi", "_content_lo"]
     kept = part.select(*KEPT_COLUMNS[:5], *KEPT_COLUMNS[8:], *words).filter(keep)
-    # the rewritten strings of the kept rows only (a filter keeps every buffer; unchanged strings stay shared)
-    def own(s: pl.Series) -> pl.Series:
+    def own(s: pl.Series) -> pl.Series:  # the rewritten strings of the kept rows only (a filter keeps every buffer)
         return tk.compact(s, input_buffers)
 
-    kept = kept.with_columns(map_contents(kept["prompt"], own, own),
-                             tk.compact(kept["chosen"], input_buffers), tk.compact(kept["rejected"], input_buffers))
+    kept = kept.with_columns(map_contents(kept["prompt"], own, own), own(kept["chosen"]), own(kept["rejected"]))
     # the first 8 hex digits of prompt_hash, as a number: the top 32 bits of its high word
     bucket = (pl.col("_prompt_hi") // 2**32) % 10_000
     split = pl.when(bucket < int(round(eval_fraction * 10_000))).then(pl.lit("eval")).otherwise(pl.lit("train"))
@@ -654,7 +655,7 @@ def clean_in_batches(
         named = pl.concat([named, hashed.select("source_file", "source_row")])
         new_index.append(kept_index)
         keys.append(result.kept.select("split", "content_hash"))
-        release_free_heap()
+        _release_free_heap()
         accounting.append(rows_accounting(batch, result))
         totals["batches"] += 1
         totals["rows_in"] += batch.height
