@@ -169,7 +169,7 @@ def input_stats(raw) -> dict:
 
 
 # Measured on this benchmark's input (polars 2.1, clean.py of session 9, input read from the IPC file): the
-# worker's peak RSS was about 1.9 x the input's text bytes at 2M pairs cut to 256 characters and 1.6 x at 500k
+# worker's peak RSS was about 1.9 x the input's text bytes at 2M pairs cut to 256 characters and 1.5 x at 500k
 # pairs at real lengths (input included), plus ~0.3 GB of interpreter and libraries (2.7 x before session 9).
 PEAK_RSS_PER_TEXT_BYTE = 2.0
 BASE_RSS_MB = 300
