@@ -463,13 +463,10 @@ def _clean(raw: pl.DataFrame | pl.LazyFrame, eval_fraction: float, seen: FirstSe
 
     from . import text_kernels as tk
 
-    # Eager, slice by slice on the thread pool: a slice is normalized and hashed, then, in source order, its
-    # pairs are looked up in `seen` (the first valid occurrence wins and names the copy it kept; a null hash
-    # matches nothing), then its two tables are cut and the slice is dropped. Only one slice per thread holds a
-    # normalized copy of its text at a time, and the kept table copies out just its rows' rewritten strings.
-    # The slices' tables are never concatenated into one frame (selecting from a many-chunk frame rechunks every
-    # column: 0.4 GB at 2M rows). (Lazily, polars 2.1's default streaming engine ran a window version 4x slower,
-    # and panicked on the final filter + select with an assertion in pl.format.)
+    # Eager, slice by slice (module docstring). The first valid occurrence of a pair wins and names the copy it
+    # kept; a null hash matches nothing. The slices' tables are never concatenated into one frame (selecting from
+    # a many-chunk frame rechunks every column: 0.4 GB at 2M rows). (Lazily, polars 2.1's default streaming engine
+    # ran a window version 4x slower, and panicked on the final filter + select with an assertion in pl.format.)
     df = _with_ingest_columns(raw.lazy()).select(_INPUT_COLUMNS).collect()  # no copy for a DataFrame
     text = ["prompt", "chosen", "rejected"]
     input_buffers = tk.data_buffers([df[c].to_arrow(compat_level=pl.CompatLevel.newest()) for c in text])
