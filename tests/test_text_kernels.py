@@ -43,6 +43,41 @@ def test_scan_reads_sliced_and_long_columns():
     assert tk.scan(s.slice(3, 10)).tolist() == expected[3:13]
 
 
+def _flags_by_python(text: str, suspects: set[int]) -> int:
+    from orpo_pipeline.clean import ODD_CHARACTERS
+
+    from .test_cleaning import WHITE_SPACE
+
+    flags = 0
+    if any(ord(c) in suspects for c in text):
+        flags |= tk.NFC
+    if "\r" in text:
+        flags |= tk.CR
+    if any(c in ODD_CHARACTERS for c in text):
+        flags |= tk.ODD_CHAR
+    if " \n" in text or "\t\n" in text:
+        flags |= tk.BLANK_NEWLINE
+    if "\n\n\n" in text:
+        flags |= tk.THREE_NEWLINES
+    if text and (text[0] in WHITE_SPACE or text[-1] in WHITE_SPACE):
+        flags |= tk.END_WHITE
+    return flags
+
+
+def test_scan_equals_python_on_random_strings_across_word_boundaries():
+    """scan reads 8 bytes at a time and judges a newline by the bytes before it, across words and across
+    non-ASCII characters: every rule at every offset, in strings inline in their view and in data buffers, and
+    at the very end of a buffer (the last string of the column)."""
+    rng = random.Random(5)
+    pieces = ["a", "bcdefgh", " ", "\t", "\n", "\r", "é", "\u0301", "\u00a0", "\u200b", "\u3000", "\U0001f600",
+              "\x0b", "\u2028"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(30_000)]
+    texts += ["x" * k + tail for k in range(17) for tail in (" \n", "\n\n\n", "\r", "\u0301", "é\n\n\n", "é \n")]
+    suspects = _suspects()
+    for column in (texts, texts[::-1]):
+        assert tk.scan(pl.Series(column)).tolist() == [_flags_by_python(t, suspects) for t in column]
+
+
 def _nfc_of_all(texts: list[str]) -> list[str]:
     return tk.nfc(pl.Series(texts, dtype=pl.String)).to_list()
 
