@@ -235,7 +235,7 @@ def normalize_series(s: pl.Series) -> pl.Series:
     flags = tk.scan(s)
     if not flags.any():
         return s
-    s = _rewrite(s, pl.Series((flags & tk.NFC) != 0), tk.nfc)
+    s = tk.nfc_where(s, (flags & tk.NFC) != 0)
     return tk.apply_rules(s, flags)
 
 

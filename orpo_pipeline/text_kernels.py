@@ -1,7 +1,7 @@
 """Kernels (numba) over polars' string columns, for clean.py's normalization, hashing and deduplication.
 
 - `scan`: one pass tells, per string, which normalization rules may change it (polars took five passes).
-- `nfc`: composes the strings that need it about 4x as fast as polars' NFC, which decomposes and recomposes every
+- `nfc` / `nfc_where`: composes the strings that need it about 4x as fast as polars' NFC, which decomposes and recomposes every
   character: here only a run of NFC suspects and the character before it are touched, the rest is copied (code
   points outside the suspect class are starters that nothing composes with, so NFC never acts across one).
 - `apply_rules` / `rules`: every other rule in one pass over each string that needs it, instead of a chain of
@@ -12,7 +12,7 @@
 - `compact`: a filtered column's rewritten strings copied out of the buffers it shares with dropped rows.
 
 The kernels read the Arrow string-view buffers polars hands out without a copy, and make string views over new
-buffers; they test 8 bytes at a time where text is plain ASCII, release the GIL (clean.py runs slices on a thread
+buffers; they read 8 bytes at a time (unaligned loads) where text is ASCII, release the GIL (clean.py runs slices on a thread
 pool) and are compiled once per install (numba's cache). Tests compare them with plain Python (unicodedata, re,
 dict) on every code point and on random strings (tests/test_text_kernels.py, tests/test_cleaning.py).
 """
@@ -56,7 +56,7 @@ def code_point_classes() -> np.ndarray:
 
 def _view_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The 16-byte views of a string_view array (from its offset on; a copy, ~1 MB a slice) and its data buffers
-    as (address, size) rows, for `_bytes` / `_words` to read without a copy. The caller keeps `arr` alive.
+    as (address, size) rows, for `_bytes` to read without a copy. The caller keeps `arr` alive.
 
     Not a numba typed List of arrays: building one cost ~5 us a buffer, and a slice of a 2M-row column shares
     its ~240 buffers, which made that 15 ms a kernel call, 10% of cleaning's time."""
@@ -65,6 +65,11 @@ def _view_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     data = np.array([(b.address, b.size) if b is not None and b.size else (_EMPTY_ADDRESS, 0) for b in bufs[2:]]
                     or [(_EMPTY_ADDRESS, 0)], dtype=np.int64)
     return views, data
+
+
+def _lengths(views: np.ndarray) -> np.ndarray:
+    """The byte length of each string, from its view (undefined for a null)."""
+    return views.view(np.uint32)[0::4]
 
 
 _EMPTY_BACKING = np.zeros(1, dtype=np.uint64)  # an aligned address for empty buffers
@@ -79,14 +84,6 @@ def _u8_pointer(typingctx, address):
         return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
 
     return numba.types.CPointer(numba.types.uint8)(numba.types.int64), codegen
-
-
-@intrinsic
-def _u64_pointer(typingctx, address):
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-    return numba.types.CPointer(numba.types.uint64)(numba.types.int64), codegen
 
 
 @intrinsic
@@ -105,14 +102,6 @@ def _load_u64(typingctx, address):
 def _bytes(data, b):
     """Data buffer b as a byte array (no copy, no reference count)."""
     return numba.carray(_u8_pointer(data[b, 0]), (data[b, 1],))
-
-
-@numba.njit(inline="always")
-def _words(data, b):
-    """Data buffer b as its whole 64-bit words (none if it is not 8-byte aligned), so a kernel can test 8 bytes
-    at a time."""
-    n = data[b, 1] // 8 if data[b, 0] % 8 == 0 else 0
-    return numba.carray(_u64_pointer(data[b, 0]), (n,))
 
 
 def _scratch(n: int) -> np.ndarray:
@@ -147,19 +136,9 @@ def _locate(views, i):
     return _u32(views, v + 8), _u32(views, v + 12), n
 
 
-_LOW = np.uint64(0x0101010101010101)
 _HIGH = np.uint64(0x8080808080808080)
 _NEWLINES = np.uint64(0x0A0A0A0A0A0A0A0A)
 _CRS = np.uint64(0x0D0D0D0D0D0D0D0D)
-
-
-@numba.njit(inline="always")
-def _plain_word(w):
-    """True if none of the 8 bytes of w is a newline, a CR or part of a non-ASCII character (bit tricks: a byte
-    is zero where x - 0x01.. borrows into a high bit that x does not have)."""
-    x = w ^ _NEWLINES
-    y = w ^ _CRS
-    return ((w | ((x - _LOW) & ~x) | ((y - _LOW) & ~y)) & _HIGH) == 0
 
 
 @numba.njit(inline="always")
@@ -345,7 +324,32 @@ def scan(s: pl.Series) -> np.ndarray:
 
 
 @numba.njit(inline="always")
-def _rules_string(buf, wbuf, start, n, classes, special, out, pos):
+def _plain_before(buf, start, j):
+    """Whether buf[j - 1] is in the string, ASCII, and none of blank, newline, CR: a newline after it needs no
+    rule (what precedes it in the output is that byte)."""
+    if j <= start:
+        return False
+    p = buf[j - 1]
+    return p < 0x80 and p != 32 and p != 9 and p != 10 and p != 13
+
+
+@numba.njit(inline="always")
+def _copied_as_is(w, buf, start, j):
+    """Whether the 8 bytes w = buf[j:j + 8] go to the output as they are: ASCII, no CR, and each newline after a
+    byte `_plain_before` would pass (within the word by the masks shifted a byte up, at its start by reading)."""
+    if w & _HIGH or _zero_bytes(w ^ _CRS):
+        return False
+    nl = _zero_bytes(w ^ _NEWLINES)
+    if nl == 0:
+        return True
+    after_special = (nl | _zero_bytes(w ^ _SPACES) | _zero_bytes(w ^ _TABS)) << np.uint64(8)
+    if not _plain_before(buf, start, j):
+        after_special |= np.uint64(0x80)
+    return (nl & after_special) == 0
+
+
+@numba.njit(inline="always")
+def _rules_string(buf, start, n, classes, special, out, pos):
     end = start + n
     first = pos
     j = start
@@ -363,12 +367,14 @@ def _rules_string(buf, wbuf, start, n, classes, special, out, pos):
             continue
         break
     run = j  # start of the input not yet copied; only newlines, CRs and odd characters break a run
+    base = np.int64(buf.ctypes.data)
+    limit = min(buf.shape[0], end) - 8  # the last position a word of the string can be loaded from
     while j < end:
-        if (j & 7) == 0 and j + 8 <= end and wbuf.shape[0] and _plain_word(wbuf[j >> 3]):
+        if j <= limit and _copied_as_is(_load_u64(base + j), buf, start, j):
             j += 8
             continue
         b = buf[j]
-        if special[b] == 0:
+        if special[b] == 0 or b == 10 and _plain_before(buf, start, j):
             j += 1
             continue
         if b >= 0x80:
@@ -410,17 +416,16 @@ def _rules_string(buf, wbuf, start, n, classes, special, out, pos):
 @numba.njit(nogil=True, cache=True)
 def _rules(views, data, classes, special, offsets, out):
     pos = 0
-    current, buf, wbuf = -1, _bytes(data, 0), _words(data, 0)
-    inline = wbuf[:0]
+    current, buf = -1, _bytes(data, 0)
     for i in range(offsets.shape[0] - 1):
         offsets[i] = pos
         b, start, n = _locate(views, i)
         if b < 0:
-            pos = _rules_string(views, inline, start, n, classes, special, out, pos)
+            pos = _rules_string(views, start, n, classes, special, out, pos)
             continue
         if b != current:
-            buf, wbuf, current = _bytes(data, b), _words(data, b), b
-        pos = _rules_string(buf, wbuf, start, n, classes, special, out, pos)
+            buf, current = _bytes(data, b), b
+        pos = _rules_string(buf, start, n, classes, special, out, pos)
     offsets[offsets.shape[0] - 1] = pos
     return pos
 
@@ -460,8 +465,7 @@ def _view_to(views, i, src, start, n, buffer):
 @numba.njit(nogil=True, cache=True)
 def _apply_rules(views, data, flags, classes, special, out_views, out, new_buffer):
     pos = 0
-    current, buf, wbuf = -1, _bytes(data, 0), _words(data, 0)
-    inline = wbuf[:0]
+    current, buf = -1, _bytes(data, 0)
     for i in range(flags.shape[0]):
         f = flags[i] & (ALL ^ NFC)  # a string flagged NFC is NFC already, and NFC gives no other rule work
         if f == 0:  # unchanged: the same view
@@ -470,11 +474,11 @@ def _apply_rules(views, data, flags, classes, special, out_views, out, new_buffe
             continue
         b, start, n = _locate(views, i)
         if b < 0:
-            sbuf, swords = views, inline
+            sbuf = views
         else:
             if b != current:
-                buf, wbuf, current = _bytes(data, b), _words(data, b), b
-            sbuf, swords = buf, wbuf
+                buf, current = _bytes(data, b), b
+            sbuf = buf
         if f == END_WHITE:  # only stripping to do: a view of part of the string, nothing copied
             end = start + n
             while start < end:
@@ -493,7 +497,7 @@ def _apply_rules(views, data, flags, classes, special, out_views, out, new_buffe
             _view_to(out_views, i, sbuf, start, end - start, b)
             continue
         first = pos
-        pos = _rules_string(sbuf, swords, start, n, classes, special, out, pos)
+        pos = _rules_string(sbuf, start, n, classes, special, out, pos)
         _view_to(out_views, i, out, first, pos - first, new_buffer)
         if pos - first <= 12:  # inside its view: no need to keep it in `out`
             pos = first
@@ -507,23 +511,22 @@ def apply_rules(s: pl.Series, flags: np.ndarray) -> pl.Series:
     part of itself; the others are rewritten by `rules` into one new buffer. Nothing else is copied: the result
     shares `s`'s buffers."""
     rewrite = (flags & (ALL ^ NFC)) != 0
-    size = int(s.str.len_bytes().fill_null(0).to_numpy()[rewrite].sum())
     n = len(s)
-    if n == 0 or size >= MAX_VIEW_BUFFER:
+    if n == 0 or not rewrite.any():
+        return s
+    arr = _string_view(s)
+    views, data = _view_buffers(arr)
+    size = int(_lengths(views)[rewrite].sum(dtype=np.int64))
+    if size >= MAX_VIEW_BUFFER:
         from .clean import _rewrite
 
         return _rewrite(s, pl.Series(rewrite), rules)
-    arr = _string_view(s)
-    views, data = _view_buffers(arr)
     buffers = [b if b is not None else pa.py_buffer(b"") for b in arr.buffers()[2:]]  # as `data` indexes them
     out_views = np.empty(16 * n, dtype=np.uint8)
     out = np.empty(max(size, 1), dtype=np.uint8)
     used = _apply_rules(views, data, flags, code_point_classes(), _SPECIAL_BYTES, out_views,
                         out, len(buffers))
-    bitmap, nulls = _validity(_valid(arr))
-    result = pa.Array.from_buffers(pa.string_view(), n, [bitmap, pa.py_buffer(out_views), *buffers,
-                                                         pa.py_buffer(out[:used])], nulls)
-    return pl.Series(s.name, result)
+    return _with_views(s.name, arr, out_views, buffers, out[:used])
 
 
 def _from_buffers(name: str, n: int, offsets: np.ndarray, data: np.ndarray) -> pl.Series:
@@ -743,6 +746,67 @@ def nfc(s: pl.Series) -> pl.Series:
         where = pl.Series(fallback)
         result = result.scatter(where.arg_true(), s.filter(where).str.normalize("NFC"))
     return result
+
+
+@numba.njit(nogil=True, cache=True)
+def _nfc_views(views, data, where, classes, ccc, unassigned, dstart, dlen, dflat, keys, values, out_views, out,
+               new_buffer, fallback, seg):
+    pos = 0
+    current, buf = -1, _bytes(data, 0)
+    for i in range(where.shape[0]):
+        if not where[i]:
+            for t in range(16):
+                out_views[i * 16 + t] = views[i * 16 + t]
+            continue
+        b, start, n = _locate(views, i)
+        if b < 0:
+            sbuf = views
+        else:
+            if b != current:
+                buf, current = _bytes(data, b), b
+            sbuf = buf
+        first = pos
+        pos, fallback[i] = _nfc_string(sbuf, start, n, classes, ccc, unassigned, dstart, dlen, dflat, keys, values,
+                                       out, pos, seg)
+        _view_to(out_views, i, out, first, pos - first, new_buffer)
+        if pos - first <= 12:  # inside its view
+            pos = first
+    return pos
+
+
+def nfc_where(s: pl.Series, where: np.ndarray) -> pl.Series:
+    """`nfc` on the strings of `s` where `where` holds (never on a null); the others keep their views, so the result
+    shares `s`'s buffers and adds one of the rewritten strings (a filter, NFC and a gather back took 3x as long)."""
+    arr = _string_view(s)
+    n = len(arr)
+    if n == 0 or not where.any():
+        return s
+    views, data = _view_buffers(arr)
+    lengths = _lengths(views)[where]
+    size = 3 * int(lengths.sum(dtype=np.int64))  # NFC lengthens a string by at most 3x
+    if size >= MAX_VIEW_BUFFER:
+        from .clean import _rewrite
+
+        return _rewrite(s, pl.Series(where), nfc)
+    buffers = [b if b is not None else pa.py_buffer(b"") for b in arr.buffers()[2:]]  # as `data` indexes them
+    out_views = np.empty(16 * n, dtype=np.uint8)
+    out = np.empty(max(size, 1), dtype=np.uint8)
+    fallback = np.zeros(n, dtype=np.bool_)
+    seg = np.empty(4 * int(lengths.max()) + 4, dtype=np.int64)
+    used = _nfc_views(views, data, where, code_point_classes(), *nfc_tables(), out_views, out, len(buffers),
+                      fallback, seg)
+    result = _with_views(s.name, arr, out_views, buffers, out[:used])
+    if fallback.any():
+        rows = pl.Series(fallback)
+        result = result.scatter(rows.arg_true(), s.filter(rows).str.normalize("NFC"))
+    return result
+
+
+def _with_views(name: str, arr: pa.Array, views: np.ndarray, buffers: list[pa.Buffer], new: np.ndarray) -> pl.Series:
+    """A string_view Series with `arr`'s validity, `views`, and `arr`'s data buffers followed by `new`."""
+    bitmap, nulls = _validity(_valid(arr))
+    return pl.Series(name, pa.Array.from_buffers(pa.string_view(), len(arr), [bitmap, pa.py_buffer(views), *buffers,
+                                                                              pa.py_buffer(new)], nulls))
 
 
 # ---------------------------------------------------------------- hash inputs and hex digests

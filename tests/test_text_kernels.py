@@ -3,6 +3,7 @@
 import random
 import unicodedata
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -109,6 +110,18 @@ def test_nfc_leaves_code_points_newer_than_python_to_polars():
     assert tk.nfc(s).equals(s.str.normalize("NFC"))
 
 
+def test_nfc_where_rewrites_only_the_rows_asked_and_shares_the_others():
+    """Rows asked: short (inside the view) and long, one polars has to compose (newer Unicode); rows not asked keep
+    their text even where NFC would change it; nulls stay null."""
+    texts = ["e\u0301", "x" * 30 + "e\u0301", "a\U0001e4ec\u0301e\u0301", None, "e\u0301 not asked", "plain",
+             "\u1100\u1161" * 9] * 300
+    where = np.array([t is not None and "asked" not in t for t in texts])
+    result = tk.nfc_where(pl.Series(texts), where)
+    expected = [pl.Series([t]).str.normalize("NFC")[0] if w else t for t, w in zip(texts, where)]
+    assert result.to_list() == expected
+    assert result.to_list()[4] == "e\u0301 not asked"
+
+
 def _rules_by_regex(text: str) -> str:
     """Every rule but NFC, one after another with Python's re."""
     return reference_normalize(text, nfc=False)
@@ -126,6 +139,17 @@ def test_rules_equal_the_regexes_one_after_another():
     assert tk.rules(pl.Series(texts)).to_list() == [_rules_by_regex(t) for t in texts]
 
 
+def test_rules_equal_the_regexes_on_long_strings_read_a_word_at_a_time():
+    """Strings long enough for 8-byte words, where a newline is copied as it is only after a plain byte: blanks,
+    newlines, CRs and odd characters before it, inside a word and at its first byte."""
+    rng = random.Random(4)
+    pieces = ["abcdefg", "x", "\n", "\n", " ", "\t", "\r", "\u200b", "\u00a0", "é", "\n\n"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))) for _ in range(20_000)]
+    assert tk.rules(pl.Series(texts)).to_list() == [_rules_by_regex(t) for t in texts]
+    s = pl.Series(texts)
+    assert tk.apply_rules(s, tk.scan(s)).to_list() == [reference_normalize(t, nfc=False) for t in texts]
+
+
 def test_rules_on_a_sliced_column_with_many_buffers():
     texts = [("line \r\n" * 3 + "\u200bword\u00a0" * i + "\n\n\n\n end \t") for i in range(3000)] * 20
     s = pl.Series(texts).slice(7, 50_000)
@@ -135,7 +159,6 @@ def test_rules_on_a_sliced_column_with_many_buffers():
 def test_first_seen_equals_a_dict_of_first_rows_across_batches():
     """Values added in batches, with ids that are not row numbers (negative ones too), through several growths
     of the table."""
-    import numpy as np
 
     rng = np.random.default_rng(3)
     seen_table, seen = tk.FirstSeen(), {}
@@ -151,7 +174,6 @@ def test_first_seen_equals_a_dict_of_first_rows_across_batches():
 
 
 def test_hex_words_read_back_hex_digests_and_refuse_other_text():
-    import numpy as np
 
     rng = np.random.default_rng(4)
     hi, lo = rng.integers(0, 2**64, 1000, dtype=np.uint64), rng.integers(0, 2**64, 1000, dtype=np.uint64)
@@ -173,7 +195,6 @@ def test_compact_copies_only_strings_outside_the_kept_buffers():
     """A column gathered from an input and a rewritten copy: after compaction it holds the input's buffers
     (shared) and one new buffer of exactly its own rewritten long strings; values, nulls and short strings
     stay the same, also for a sliced column."""
-    import numpy as np
 
     source = pl.Series([f"input string number {i}" for i in range(50_000)] + [None, "short"])
     keep = tk.data_buffers([source.to_arrow(compat_level=pl.CompatLevel.newest())])
