@@ -113,51 +113,70 @@ HANGUL_T = (0x11A8, 0x11C2)
 
 
 @functools.lru_cache(maxsize=1)
-def nfc_suspect_ranges() -> tuple[tuple[int, int], ...]:
-    """The code points that can make a string non-NFC, as sorted, inclusive, non-adjacent (first, last) ranges.
+def _nfc_quick_check_sets() -> tuple[frozenset[int], frozenset[int]]:
+    """(not_yes, combining): the code points whose NFC_Quick_Check is not Yes, and those with a non-zero canonical
+    combining class, from `unicodedata` (about 0.4 s, once per process).
 
-    By the NFC quick check of UAX #15, a string in which every code point has canonical combining class 0 and
-    NFC_Quick_Check = Yes is in NFC already. The complement of that is computed once from `unicodedata`
-    (about 0.4 s):
-
-    - combining marks: every code point with a non-zero canonical combining class (they may need reordering,
-      or compose with what precedes them);
-    - every code point that NFC changes on its own (NFC_Quick_Check = No): singletons such as U+212B ANGSTROM
-      SIGN and the CJK compatibility ideographs U+F900..U+FAD9, composition exclusions such as U+0958, and
-      non-starter decompositions such as U+0344;
-    - every code point that may compose with the one before it (NFC_Quick_Check = Maybe): the second half of
-      any two-code-point canonical decomposition (U+0301, but also starters such as U+09BE or U+0CD5), and the
-      Hangul V and T jamo;
+    Not Yes (No or Maybe, as UAX #15 defines them, plus what Python cannot tell):
+    - every code point that NFC changes on its own (No): singletons such as U+212B ANGSTROM SIGN and the CJK
+      compatibility ideographs U+F900..U+FAD9, composition exclusions such as U+0958, and non-starter
+      decompositions such as U+0344;
+    - every code point that may compose with the one before it (Maybe): the second half of any two-code-point
+      canonical decomposition (U+0301, but also starters such as U+09BE or U+0CD5), and the Hangul V and T jamo;
     - every code point unassigned in Python's Unicode version: polars' NFC follows a newer Unicode, in which
       some of them are combining marks or compose (U+1E4EC, U+113C2, ...).
 
-    Surrogates (U+D800..U+DFFF) cannot occur in polars strings and are left out.
-    tests/test_cleaning.py checks the class over every BMP code point and a sample of astral ones.
-    """
+    Surrogates (U+D800..U+DFFF) cannot occur in polars strings and are left out."""
     import unicodedata
 
-    suspect = set(range(HANGUL_V[0], HANGUL_V[1] + 1)) | set(range(HANGUL_T[0], HANGUL_T[1] + 1))
+    not_yes = set(range(HANGUL_V[0], HANGUL_V[1] + 1)) | set(range(HANGUL_T[0], HANGUL_T[1] + 1))
+    combining = set()
     for cp in range(0x110000):
         if 0xD800 <= cp <= 0xDFFF:
             continue
         ch = chr(cp)
         if unicodedata.category(ch) == "Cn":
-            suspect.add(cp)
+            not_yes.add(cp)
             continue
-        if unicodedata.combining(ch) or not unicodedata.is_normalized("NFC", ch):
-            suspect.add(cp)
+        if unicodedata.combining(ch):
+            combining.add(cp)
+        if not unicodedata.is_normalized("NFC", ch):
+            not_yes.add(cp)
         d = unicodedata.decomposition(ch)
         if d and not d.startswith("<"):
             parts = d.split()
             if len(parts) == 2:
-                suspect.add(int(parts[1], 16))
+                not_yes.add(int(parts[1], 16))
+    return frozenset(not_yes), frozenset(combining)
+
+
+def _ranges(code_points: Iterable[int]) -> tuple[tuple[int, int], ...]:
     ranges: list[list[int]] = []
-    for cp in sorted(suspect):
+    for cp in sorted(code_points):
         if ranges and cp == ranges[-1][1] + 1:
             ranges[-1][1] = cp
         else:
             ranges.append([cp, cp])
     return tuple((a, b) for a, b in ranges)
+
+
+@functools.lru_cache(maxsize=1)
+def nfc_suspect_ranges() -> tuple[tuple[int, int], ...]:
+    """The code points that can make a string non-NFC, as sorted, inclusive, non-adjacent (first, last) ranges:
+    those whose NFC_Quick_Check is not Yes, and the combining marks (a non-zero canonical combining class: they
+    may need reordering). By the NFC quick check of UAX #15, a string without one is in NFC already
+    (`_nfc_quick_check_sets`). tests/test_cleaning.py checks the class over every BMP code point and a sample of
+    astral ones."""
+    not_yes, combining = _nfc_quick_check_sets()
+    return _ranges(not_yes | combining)
+
+
+@functools.lru_cache(maxsize=1)
+def nfc_not_yes_ranges() -> tuple[tuple[int, int], ...]:
+    """The suspects whose NFC_Quick_Check is not Yes, as ranges. A string whose only suspects are other combining
+    marks, each with a combining class no lower than the one right before it, is NFC (the quick check says Yes):
+    `text_kernels.scan` flags NFC only where that does not hold."""
+    return _ranges(_nfc_quick_check_sets()[0])
 
 
 @functools.lru_cache(maxsize=1)

@@ -30,6 +30,13 @@ ASSIGNED = [cp for cp in CODE_POINTS if unicodedata.category(chr(cp)) != "Cn"]
     ("a\u3000", tk.END_WHITE | tk.ODD_CHAR),
     ("a\u2028", tk.END_WHITE),
     ("x" * 20 + "\u0301 \n\r", tk.NFC | tk.BLANK_NEWLINE | tk.CR | tk.END_WHITE),  # not inline in the view
+    ("a\u0316", 0),  # a combining mark that composes with nothing, in order: NFC already
+    ("\u092a\u0930\u094d\u092f", 0),  # Devanagari virama (class 9)
+    ("\u05b0\u05b1", 0),  # Hebrew points in order (classes 10, 11)
+    ("\u05b1\u05b0", tk.NFC),  # out of order: NFC reorders them
+    ("\u05b1 x" * 3 + "\u05b0", 0),  # ASCII between them resets the order
+    ("a\u0316\u0301", tk.NFC),  # U+0301 may compose (Maybe)
+    ("\u212b", tk.NFC),  # NFC changes it on its own (No)
     (None, 0),
 ])
 def test_scan_flags_each_rule_that_may_apply(text, flags):
@@ -44,13 +51,28 @@ def test_scan_reads_sliced_and_long_columns():
     assert tk.scan(s.slice(3, 10)).tolist() == expected[3:13]
 
 
+def _quick_check_yes(text: str) -> bool:
+    """UAX #15's NFC quick check says Yes: no code point whose NFC_Quick_Check is No or Maybe, and combining
+    classes in order."""
+    from orpo_pipeline.clean import _nfc_quick_check_sets
+
+    not_yes = _nfc_quick_check_sets()[0]
+    last = 0
+    for ch in text:
+        ccc = unicodedata.combining(ch)
+        if ord(ch) in not_yes or (ccc and last > ccc):
+            return False
+        last = ccc
+    return True
+
+
 def _flags_by_python(text: str, suspects: set[int]) -> int:
     from orpo_pipeline.clean import ODD_CHARACTERS
 
     from .test_cleaning import WHITE_SPACE
 
     flags = 0
-    if any(ord(c) in suspects for c in text):
+    if not _quick_check_yes(text):
         flags |= tk.NFC
     if "\r" in text:
         flags |= tk.CR
@@ -108,6 +130,19 @@ def test_nfc_leaves_code_points_newer_than_python_to_polars():
     """U+1E4EC is unassigned in Python's Unicode; polars composes what its newer tables know."""
     s = pl.Series(["a\U0001e4ec\u0301e\u0301", "e\u0301", "\u0915\u093c"])
     assert tk.nfc(s).equals(s.str.normalize("NFC"))
+
+
+def test_a_string_scan_calls_nfc_is_nfc():
+    """Random runs of combining marks (in and out of order), letters they compose with or not, and ASCII: where
+    scan does not flag NFC, Python's NFC leaves the string as it is."""
+    rng = random.Random(7)
+    pieces = ["a", "e", "x", " ", "\u0316", "\u0301", "\u05b0", "\u05b1", "\u094d", "\u0334", "\u0f71", "\u0f72",
+              "\u093c", "\u0915", "\u1100", "\u1161", "\u0308", "\u0327", "abcdefghij"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(30_000)]
+    flags = tk.scan(pl.Series(texts))
+    unflagged = [t for t, f in zip(texts, flags) if not f & tk.NFC]
+    assert len(unflagged) > 5_000 and len(unflagged) < len(texts) - 5_000
+    assert [t for t in unflagged if unicodedata.normalize("NFC", t) != t] == []
 
 
 def test_nfc_where_rewrites_only_the_rows_asked_and_shares_the_others():
