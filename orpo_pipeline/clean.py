@@ -113,9 +113,16 @@ HANGUL_T = (0x11A8, 0x11C2)
 
 
 @functools.lru_cache(maxsize=1)
-def _nfc_quick_check_sets() -> tuple[frozenset[int], frozenset[int]]:
-    """(not_yes, combining): the code points whose NFC_Quick_Check is not Yes, and those with a non-zero canonical
-    combining class, from `unicodedata` (about 0.4 s, once per process).
+def _nfc_quick_check_ranges() -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+    """(not_yes, combining) as `_ranges`: the code points whose NFC_Quick_Check is not Yes, and those with a
+    non-zero canonical combining class, from `unicodedata` (about 0.4 s, once per process; only the ranges are
+    kept: the sets hold ~800k ints, ~60 MB)."""
+    not_yes, combining = _nfc_quick_check_sets()
+    return _ranges(not_yes), _ranges(combining)
+
+
+def _nfc_quick_check_sets() -> tuple[set[int], set[int]]:
+    """(not_yes, combining) as sets.
 
     Not Yes (No or Maybe, as UAX #15 defines them, plus what Python cannot tell):
     - every code point that NFC changes on its own (No): singletons such as U+212B ANGSTROM SIGN and the CJK
@@ -147,7 +154,7 @@ def _nfc_quick_check_sets() -> tuple[frozenset[int], frozenset[int]]:
             parts = d.split()
             if len(parts) == 2:
                 not_yes.add(int(parts[1], 16))
-    return frozenset(not_yes), frozenset(combining)
+    return not_yes, combining
 
 
 def _ranges(code_points: Iterable[int]) -> tuple[tuple[int, int], ...]:
@@ -167,8 +174,13 @@ def nfc_suspect_ranges() -> tuple[tuple[int, int], ...]:
     may need reordering). By the NFC quick check of UAX #15, a string without one is in NFC already
     (`_nfc_quick_check_sets`). tests/test_cleaning.py checks the class over every BMP code point and a sample of
     astral ones."""
-    not_yes, combining = _nfc_quick_check_sets()
-    return _ranges(not_yes | combining)
+    merged: list[list[int]] = []
+    for a, b in sorted(sum(_nfc_quick_check_ranges(), ())):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return tuple((a, b) for a, b in merged)
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,7 +188,7 @@ def nfc_not_yes_ranges() -> tuple[tuple[int, int], ...]:
     """The suspects whose NFC_Quick_Check is not Yes, as ranges. A string whose only suspects are other combining
     marks, each with a combining class no lower than the one right before it, is NFC (the quick check says Yes):
     `text_kernels.scan` flags NFC only where that does not hold."""
-    return _ranges(_nfc_quick_check_sets()[0])
+    return _nfc_quick_check_ranges()[0]
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,5 +1,6 @@
 """The numba text kernels against plain Python: scan's flags, and NFC on every code point and on random strings."""
 
+import functools
 import random
 import unicodedata
 
@@ -51,12 +52,17 @@ def test_scan_reads_sliced_and_long_columns():
     assert tk.scan(s.slice(3, 10)).tolist() == expected[3:13]
 
 
+@functools.lru_cache(maxsize=1)
+def _not_yes() -> set[int]:
+    from orpo_pipeline.clean import nfc_not_yes_ranges
+
+    return {cp for a, b in nfc_not_yes_ranges() for cp in range(a, b + 1)}
+
+
 def _quick_check_yes(text: str) -> bool:
     """UAX #15's NFC quick check says Yes: no code point whose NFC_Quick_Check is No or Maybe, and combining
     classes in order."""
-    from orpo_pipeline.clean import _nfc_quick_check_sets
-
-    not_yes = _nfc_quick_check_sets()[0]
+    not_yes = _not_yes()
     last = 0
     for ch in text:
         ccc = unicodedata.combining(ch)
