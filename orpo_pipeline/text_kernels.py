@@ -946,25 +946,40 @@ def pair_texts(prompt: pl.Series, chosen: pl.Series, rejected: pl.Series) -> tup
     return pl.Series("prompt_key", key), pl.Series("pair", full)
 
 
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+@numba.njit(inline="always")
+def _hex8(x):
+    """The 32-bit value x as 8 lowercase hex digits, packed in a uint64 in text order (little endian)."""
+    y = ((x & np.uint64(0xFFFF0000)) << np.uint64(16)) | (x & np.uint64(0xFFFF))
+    y = ((y & np.uint64(0x0000FF000000FF00)) << np.uint64(8)) | (y & np.uint64(0x000000FF000000FF))
+    y = ((y & np.uint64(0x00F000F000F000F0)) << np.uint64(4)) | (y & np.uint64(0x000F000F000F000F))
+    # byte k now holds nibble k (lowest first); the text starts with the highest
+    y = ((y & np.uint64(0x00FF00FF00FF00FF)) << np.uint64(8)) | ((y >> np.uint64(8)) & np.uint64(0x00FF00FF00FF00FF))
+    y = ((y & np.uint64(0x0000FFFF0000FFFF)) << np.uint64(16)) | ((y >> np.uint64(16)) & np.uint64(0x0000FFFF0000FFFF))
+    y = (y << np.uint64(32)) | (y >> np.uint64(32))
+    letters = ((y + np.uint64(0x0606060606060606)) >> np.uint64(4)) & np.uint64(0x0101010101010101)  # nibble >= 10
+    return y + np.uint64(0x3030303030303030) + letters * np.uint64(0x27)
 
 
 @numba.njit(nogil=True, cache=True)
-def _hex_digests(hi, lo, hexdigits, out, views):
+def _hex_digests(hi, lo, out, views):
+    # whole 64-bit words: a store per byte ran ~0.3 GB/s (numba reloads the array pointer after each store)
     for i in range(hi.shape[0]):
-        p = 32 * i
-        for t in range(16):
-            out[p + t] = hexdigits[(hi[i] >> np.uint64(60 - 4 * t)) & np.uint64(15)]
-            out[p + 16 + t] = hexdigits[(lo[i] >> np.uint64(60 - 4 * t)) & np.uint64(15)]
-        _view_to(views, i, out, p, 32, 0)
+        first = _hex8(hi[i] >> np.uint64(32))
+        out[4 * i] = first
+        out[4 * i + 1] = _hex8(hi[i] & np.uint64(0xFFFFFFFF))
+        out[4 * i + 2] = _hex8(lo[i] >> np.uint64(32))
+        out[4 * i + 3] = _hex8(lo[i] & np.uint64(0xFFFFFFFF))
+        # the view: length 32 and the first 4 bytes; buffer 0 and the offset
+        views[2 * i] = np.uint64(32) | (first << np.uint64(32))
+        views[2 * i + 1] = np.uint64(32 * i) << np.uint64(32)
 
 
 def hex_digests(hi: np.ndarray, lo: np.ndarray, valid: np.ndarray, name: str) -> pl.Series:
     """128-bit values given as high and low 64-bit words, as 32 lowercase hex digits; null where not valid."""
     n = hi.shape[0]
-    out, views = np.empty(max(32 * n, 1), dtype=np.uint8), np.empty(16 * n, dtype=np.uint8)
-    _hex_digests(hi, lo, _HEX, out, views)
-    return pl.Series(name, _view_array(n, views, out, valid))
+    out, views = np.empty(max(4 * n, 1), dtype=np.uint64), np.empty(2 * n, dtype=np.uint64)
+    _hex_digests(hi, lo, out, views)
+    return pl.Series(name, _view_array(n, views.view(np.uint8), out.view(np.uint8)[: 32 * n], valid))
 
 
 # ---------------------------------------------------------------- first occurrences
