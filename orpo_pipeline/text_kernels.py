@@ -465,20 +465,37 @@ def rules(s: pl.Series) -> pl.Series:
     return _from_buffers(s.name, n, offsets, out[:used])
 
 
+@intrinsic
+def _store_u64(typingctx, address, value):
+    """Stores a uint64 at `address` (any alignment)."""
+    from llvmlite import ir
+
+    def codegen(context, builder, signature, args):
+        builder.store(args[1], builder.inttoptr(args[0], ir.PointerType(ir.IntType(64))), align=1)
+        return context.get_dummy_value()
+
+    return numba.types.void(numba.types.int64, numba.types.uint64), codegen
+
+
 @numba.njit(inline="always")
 def _view_to(views, i, src, start, n, buffer):
-    """Writes view i for src[start:start + n], a string in data buffer `buffer` (unless it fits the view)."""
-    v = i * 16
-    for t in range(4):
-        views[v + t] = (n >> (8 * t)) & 0xFF
+    """Writes view i for src[start:start + n], a string in data buffer `buffer` (unless it fits the view), as two
+    64-bit stores (16 byte stores ran at ~0.3 GB/s: numba reloads the array pointer after each store)."""
+    address = np.int64(views.ctypes.data) + 16 * i
     if n <= 12:
-        for t in range(12):
-            views[v + 4 + t] = src[start + t] if t < n else 0
-        return
-    for t in range(4):
-        views[v + 4 + t] = src[start + t]
-        views[v + 8 + t] = (buffer >> (8 * t)) & 0xFF
-        views[v + 12 + t] = (start >> (8 * t)) & 0xFF
+        low = np.uint64(n)
+        high = np.uint64(0)
+        for t in range(min(n, 4)):
+            low |= np.uint64(src[start + t]) << np.uint64(32 + 8 * t)
+        for t in range(4, n):
+            high |= np.uint64(src[start + t]) << np.uint64(8 * (t - 4))
+    else:
+        prefix = np.uint64(src[start]) | (np.uint64(src[start + 1]) << np.uint64(8)) | (
+            np.uint64(src[start + 2]) << np.uint64(16)) | (np.uint64(src[start + 3]) << np.uint64(24))
+        low = np.uint64(n) | (prefix << np.uint64(32))
+        high = np.uint64(buffer) | (np.uint64(start) << np.uint64(32))
+    _store_u64(address, low)
+    _store_u64(address + 8, high)
 
 
 @numba.njit(nogil=True, cache=True)
