@@ -319,6 +319,33 @@ def test_fast_path_equals_reference_on_sample_and_edge_rows(kwargs, slice_rows, 
     assert_same_tables(*clean_both_ways(sample, known_hashes=known, **kwargs))
 
 
+def test_empty_prompts_equal_the_list_eval_they_replace():
+    """Edge rows (no messages, a null message, null role or content, empty content) and random prompts, sliced so
+    the lists' offsets do not start at zero."""
+    rng = random.Random(3)
+    contents = ["", "q", None, " "]
+    random_prompts = [None if rng.random() < 0.05 else
+                      [None if rng.random() < 0.1 else {"role": "user", "content": rng.choice(contents)}
+                       for _ in range(rng.randint(0, 3))] for _ in range(3000)]
+    edge = pl.DataFrame(_edge_rows(), schema=RAW_SCHEMA, orient="row")["prompt"]
+    for prompt in (edge, edge.slice(3), pl.Series("prompt", random_prompts, dtype=RAW_SCHEMA["prompt"]).slice(7)):
+        expected = prompt.to_frame().select(
+            pl.col("prompt").list.len().fill_null(0).eq(0)
+            | pl.col("prompt").list.eval(pl.element().struct.field("content").str.len_bytes().eq(0)).list.any()
+        ).to_series()
+        assert clean._empty_prompts(prompt).to_list() == expected.fill_null(False).to_list()
+
+
+def test_an_error_reason_cleaning_does_not_know_is_kept_as_the_reason():
+    rows = [r for r in _edge_rows() if r[:2] == ("b", 4)]  # an annotator tie, found at ingest
+    rows.append(("c", 1, rows[0][2], "x", "y", None, None, "c:1: held out by the labeling tool", "held_out", None))
+    result = clean_preferences(pl.DataFrame(rows, schema=RAW_SCHEMA, orient="row"))
+    assert result.kept.height == 0
+    assert result.rejects.select("reason", "detail").rows() == [
+        ("annotator_tie", "b:4: tie"), ("held_out", "c:1: held out by the labeling tool")]
+    assert result.rejects.schema["reason"] == pl.String
+
+
 def test_a_row_repeated_under_the_same_source_row_is_still_a_duplicate():
     """Copies are told apart by their position, not by their file and row: a table that holds one source row
     twice (two raw tables concatenated) keeps one pair, and the other is rejected as its duplicate."""
