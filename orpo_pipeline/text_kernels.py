@@ -650,6 +650,23 @@ def _encode(cp, out, pos):
 
 
 @numba.njit(inline="always")
+def _run_is_nfc(buf, j, end, classes, ccc):
+    """Whether the run of suspects buf[j:end], after a starter that composes with nothing, has only code points
+    whose NFC_Quick_Check is Yes, in canonical order."""
+    last = 0
+    while j < end:
+        cp, k = _decode(buf, j)
+        if classes[cp] & NOT_YES:
+            return False
+        c = ccc[cp]
+        if c != 0 and last > c:
+            return False
+        last = c
+        j += k
+    return True
+
+
+@numba.njit(inline="always")
 def _nfc_string(buf, start, n, classes, ccc, unassigned, dstart, dlen, dflat, keys, values, out, pos, seg):
     end = start + n
     string_start = pos
@@ -679,6 +696,12 @@ def _nfc_string(buf, start, n, classes, ccc, unassigned, dstart, dlen, dflat, ke
             seg_end += k2
         if fell_back:
             break
+        # marks that compose with nothing, in canonical order, are NFC as they are (UAX #15's quick check): in
+        # Indic scripts most runs (a virama, a vowel sign) are, and decomposing and recomposing them took most
+        # of NFC's time
+        if _run_is_nfc(buf, j, seg_end, classes, ccc):
+            j = seg_end
+            continue
         # the segment starts at the character before the run (a non-suspect, not yet copied), if any
         safe_in = j
         if j > run:
