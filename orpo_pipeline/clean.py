@@ -20,9 +20,11 @@ speed, with the same output as applying those rules to every string
 - one pass over the text (`text_kernels.scan`) tells, per string, which rules
   may change it; a string no rule can change is returned as is (in real data,
   most strings);
-- NFC is needed only where an "NFC suspect" code point occurs
-  (`nfc_suspect_ranges`): a string without one is already NFC; there,
-  `text_kernels.nfc` recomposes only the runs of suspects;
+- NFC is needed only where UAX #15's quick check does not say Yes: an "NFC
+  suspect" code point occurs (`nfc_suspect_ranges`) that may compose or that
+  NFC changes (`nfc_not_yes_ranges`), or combining marks out of canonical
+  order; there, `text_kernels.nfc_where` recomposes only the runs of suspects
+  that need it, and rewrites those strings' views in place;
 - the other rules are one pass over each string that needs some
   (`text_kernels.apply_rules`); the result is string views, so strings no rule
   changes are shared with the input, not copied, and a string that only needs
