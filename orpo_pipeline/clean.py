@@ -288,21 +288,16 @@ def map_contents(prompt: pl.Series, fn: Callable[[pl.Series], pl.Series],
     fields)."""
     import pyarrow as pa
 
-    arr = prompt.to_arrow(compat_level=pl.CompatLevel.newest())  # zero-copy (string views)
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    # `values` is the whole child array, ignoring a slice offset; `offsets` are sliced and point into it. Only
-    # the messages this slice uses are mapped, with offsets rebased to them.
-    offsets = arr.offsets.to_numpy()
-    start, end = int(offsets[0]), int(offsets[-1])
-    messages = pl.from_arrow(arr.values.slice(start, end - start))
+    from .text_kernels import list_values
+
+    arr, offsets, messages = list_values(prompt)  # only this slice's messages, offsets rebased to them
     # polars' struct.field, not the arrow children: a null message gives null fields, as in list.eval
     fields = [role_fn(messages.struct.field("role")), fn(messages.struct.field("content"))]
     fields = [f.to_arrow(compat_level=pl.CompatLevel.newest()) for f in fields]
     fields = [f.combine_chunks() if isinstance(f, pa.ChunkedArray) else f for f in fields]
     flat = pa.StructArray.from_arrays(fields, names=["role", "content"])
     cls = pa.LargeListArray if pa.types.is_large_list(arr.type) else pa.ListArray
-    offsets = pa.array(offsets - start, type=arr.offsets.type)  # unsliced, as pyarrow wants with a null mask
+    offsets = pa.array(offsets, type=arr.offsets.type)  # unsliced, as pyarrow wants with a null mask
     mask = arr.is_null() if arr.null_count else None
     return pl.Series(prompt.name, cls.from_arrays(offsets, flat, mask=mask)).cast(prompt.dtype)
 
@@ -398,17 +393,11 @@ def _empty_prompts(prompt: pl.Series) -> pl.Series:
     """Per row, whether the prompt has no message (or is null) or a message whose content is empty: the same as
     `list.len() == 0 | list.eval(content.str.len_bytes() == 0).list.any()` (a null content counts as not empty),
     from the flat message contents and the list offsets (list.eval took 4x as long)."""
-    import pyarrow as pa
+    from .text_kernels import list_values
 
-    arr = prompt.to_arrow(compat_level=pl.CompatLevel.newest())
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    offsets = arr.offsets.to_numpy()
-    start, end = int(offsets[0]), int(offsets[-1])
-    messages = pl.from_arrow(arr.values.slice(start, end - start))
+    arr, offsets, messages = list_values(prompt)
     empty = messages.struct.field("content").str.len_bytes().eq(0).fill_null(False).to_numpy()
     before = np.concatenate([[0], np.cumsum(empty, dtype=np.int64)])  # empty contents before each message
-    offsets = offsets - start
     any_empty = before[offsets[1:]] > before[offsets[:-1]]
     no_message = offsets[1:] == offsets[:-1]
     if arr.null_count:

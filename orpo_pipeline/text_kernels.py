@@ -941,6 +941,18 @@ def _pair_texts(list_offsets, list_valid, message_valid, role_views, role_data, 
     return pos
 
 
+def list_values(s: pl.Series) -> tuple[pa.Array, np.ndarray, pl.Series]:
+    """A List Series as its Arrow array (one chunk, zero-copy), its offsets rebased to its own elements, and those
+    elements as a Series. Arrow's `values` of a sliced list array is the whole child array: only the slice's own
+    elements are taken."""
+    arr = s.to_arrow(compat_level=pl.CompatLevel.newest())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    offsets = arr.offsets.to_numpy()
+    start, end = int(offsets[0]), int(offsets[-1])
+    return arr, offsets - start, pl.from_arrow(arr.values.slice(start, end - start))
+
+
 def _validity(valid: np.ndarray) -> tuple[pa.Buffer | None, int]:
     nulls = int(valid.size - np.count_nonzero(valid))
     return (pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None), nulls
@@ -960,12 +972,7 @@ def pair_texts(prompt: pl.Series, chosen: pl.Series, rejected: pl.Series) -> tup
     joined by 0x1E; null messages and messages with a null field left out, as `list.join` does) and the pair
     (prompt key, chosen and rejected joined by 0x1D; null if any of them is null). The key is a prefix of the
     pair, so both share one buffer. None where that buffer would pass 2 GiB (Arrow views hold 32-bit offsets)."""
-    arr = prompt.to_arrow(compat_level=pl.CompatLevel.newest())
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    offsets = arr.offsets.to_numpy()
-    start, end = int(offsets[0]), int(offsets[-1])
-    messages = pl.from_arrow(arr.values.slice(start, end - start))
+    arr, offsets, messages = list_values(prompt)
     role, content = messages.struct.field("role"), messages.struct.field("content")
     size = 2 * (len(messages) + len(chosen)) + sum(
         int(x.str.len_bytes().sum() or 0) for x in (role, content, chosen, rejected))
@@ -978,7 +985,7 @@ def pair_texts(prompt: pl.Series, chosen: pl.Series, rejected: pl.Series) -> tup
     key_views, full_views = _scratch(16 * n), _scratch(16 * n)
     list_valid = _valid(arr)
     chosen_valid, rejected_valid = _valid(chosen_arr), _valid(rejected_arr)
-    used = _pair_texts(np.ascontiguousarray(offsets - start), list_valid, message_valid,
+    used = _pair_texts(np.ascontiguousarray(offsets), list_valid, message_valid,
                        *_view_buffers(role_arr), *_view_buffers(content_arr),
                        *_view_buffers(chosen_arr), chosen_valid, *_view_buffers(rejected_arr), rejected_valid,
                        out, key_views, full_views)
