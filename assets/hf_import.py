@@ -4,7 +4,7 @@ registers it as a partition and starts the cleaning-and-training run, as for any
 import dagster as dg
 from pydantic import Field
 
-from orpo_pipeline.hf_import import DatasetImportError, export_parquet
+from orpo_pipeline.data.hf_import import DatasetImportError, export_parquet
 from resources import StorageResource
 
 

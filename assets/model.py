@@ -7,10 +7,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from orpo_pipeline import base_model as base_model_lib
+from orpo_pipeline.models import base as base_model_lib
 from orpo_pipeline.plots import curves_png, markdown_image
 from orpo_pipeline.storage import atomic_file, dir_digest
-from resources import GpuResource, MlflowResource, StorageResource
+from resources import ComputeResource, MlflowResource, StorageResource
 
 from .config import EvalConfig, ModelConfig, TrainConfig
 
@@ -72,7 +72,7 @@ def orpo_adapter(
     config: TrainConfig,
     tokenized_dataset: dict,
     base_model: dict,
-    gpu: GpuResource,
+    compute: ComputeResource,
     storage: StorageResource,
     mlflow_tracking: MlflowResource,
 ) -> dg.Output[dict]:
@@ -97,8 +97,8 @@ def orpo_adapter(
         else:
             adapter_init = Path(mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path="adapter"))
             context.log.info(f"starting from the adapter of champion version {champion.version}")
-    device = gpu.resolve_device()
-    context.log.info(f"training on {gpu.describe()}")
+    device = compute.resolve_device()
+    context.log.info(f"training on {compute.describe()}")
     out = storage.artifact_dir("orpo_adapter", context.run.run_id)
     with mlflow_tracking.active_run(context) as run_id:
         client = mlflow_tracking.client()
@@ -121,7 +121,7 @@ def orpo_adapter(
                         digest=tokenized_dataset["digest"]),
             context="training",
         )
-        result = gpu.train(
+        result = compute.train(
             context, model_dir=Path(base_model["path"]), train_dataset_dir=Path(tokenized_dataset["dir"]) / "train",
             output_dir=out, settings=settings, max_length=tokenized_dataset["max_length"],
             on_log=_mlflow_step_logger(context, run_id, client), adapter_init=adapter_init,
@@ -148,7 +148,7 @@ def orpo_adapter(
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         }
     )
-    # dg.Output: with GpuResource(num_processes > 1) a Pipes session ran, and Dagster then takes no bare value
+    # dg.Output: with ComputeResource(num_processes > 1) a Pipes session ran, and Dagster then takes no bare value
     return dg.Output({"dir": str(out), "digest": digest, "mlflow_run_id": run_id, "training_config": settings.model_dump(),
                       "partition_keys": ",".join(s["partition_key"] for s in tokenized_dataset["sources"]),
                       "cleaned_digest": tokenized_dataset["cleaned_digest"], "tokenized_digest": tokenized_dataset["digest"]})
@@ -165,9 +165,9 @@ def merged_model(
     """Adapter merged into full-precision base weights; logged to MLflow and registered as a new model version."""
     import mlflow
 
-    from orpo_pipeline.merging import merge_adapter
+    from orpo_pipeline.models.merge import merge_adapter
 
-    from orpo_pipeline.mlflow_model import log_merged_model
+    from orpo_pipeline.models.registry import log_merged_model
 
     out = storage.artifact_dir("merged_model", context.run.run_id)
     card = {
@@ -216,8 +216,8 @@ def benchmark_scores(
     import datasets
     import mlflow
 
-    from orpo_pipeline.evaluation import benchmark_model
-    from orpo_pipeline.merging import model_card
+    from orpo_pipeline.models.evaluate import benchmark_model
+    from orpo_pipeline.models.merge import model_card
 
     eval_data = datasets.load_from_disk(tokenized_dataset["dir"])["eval"]
     kw = dict(prompts=config.generation_prompts, batch_size=config.batch_size, max_pairs=config.max_eval_pairs,

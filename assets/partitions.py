@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from orpo_pipeline import drops
+from orpo_pipeline.data import drops
 
 preference_files = dg.DynamicPartitionsDefinition(name="preference_files")
 

@@ -5,7 +5,10 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from orpo_pipeline import clean, drops, ingest, tokenization
+from orpo_pipeline.data import clean
+from orpo_pipeline.data import drops
+from orpo_pipeline.data import ingest
+from orpo_pipeline.train import tokenize as tokenization
 from orpo_pipeline.plots import histograms_png, markdown_image, markdown_table
 from orpo_pipeline.storage import ParquetAppender, atomic_dir, write_json
 from resources import MlflowResource, StorageResource
@@ -294,7 +297,7 @@ def tokenized_dataset(
         raise dg.Failure("no cleaned preference partitions yet: add files to the drop folder or run scripts/run_pipeline.sh")
     tables = {s: _read_all(parts, s) for s in ("train", "eval")}
     cleaned_digest = clean.table_digest(pl.concat([tables["train"], tables["eval"]]))
-    from orpo_pipeline.training import set_chat_template
+    from orpo_pipeline.train.trainer import set_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(base_model["path"])
     added = set_chat_template(tokenizer, config.chat_template)  # the same call training makes: same token ids

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from orpo_pipeline import drops
+from orpo_pipeline.data import drops
 from resources import StorageResource
 
 from .model import base_model, benchmark_scores, merged_model, orpo_adapter

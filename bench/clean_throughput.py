@@ -1,9 +1,9 @@
-"""Cleaning throughput: orpo_pipeline.clean.clean_preferences (polars) vs the same rules written with
+"""Cleaning throughput: orpo_pipeline.data.clean.clean_preferences (polars) vs the same rules written with
 Hugging Face `datasets` map/filter, the way a TRL user cleans preference data today.
 
 Input: N synthetic pairs built by replicating and perturbing the real files in ../shared/data
 (UltraFeedback 1k train + eval, LLaMA-Factory dpo_en_demo flattened to prompt/chosen/rejected strings),
-built directly in polars in the schema of orpo_pipeline.ingest.RAW_SCHEMA by a separate process, which writes it
+built directly in polars in the schema of orpo_pipeline.data.ingest.RAW_SCHEMA by a separate process, which writes it
 as an Arrow IPC file (and as parquet for "ours, in batches"). "ours" reads the IPC file before timing, so the
 process it measures holds the input and the libraries, not what building the input freed (150-225 MiB of
 polars' allocator pages when it was built in the same process). Neither building nor reading is timed.
@@ -15,9 +15,9 @@ Each method runs in its own fresh subprocess (peak RSS is its own). Before timin
 a small sample and must keep the same rows (same set of content hashes and the same split). The headline
 figures of the result file a run replaces are kept in its "previous" field.
 
-(The normalization prototype this file used to carry is now orpo_pipeline.clean itself: "ours".)
+(The normalization prototype this file used to carry is now orpo_pipeline.data.clean itself: "ours".)
 
-"ours, in batches" is orpo_pipeline.clean.clean_parquet_file: the same input written to a parquet file first (in
+"ours, in batches" is orpo_pipeline.data.clean.clean_parquet_file: the same input written to a parquet file first (in
 another process, not timed), then read, cleaned and written back (train, eval, rejects) batch by batch: what the
 cleaned_preferences asset does. Its time includes reading the
 input and writing kept + rejects to parquet; its peak RSS is that of a process that never holds the whole table.
@@ -88,7 +88,7 @@ def build_raw(n: int, seed: int = 0, max_field_chars: int = 0):
     `max_field_chars` > 0 cuts every real text to that many characters first (shorter pairs; 0: real lengths)."""
     import polars as pl
 
-    from orpo_pipeline.ingest import MESSAGE, RAW_SCHEMA
+    from orpo_pipeline.data.ingest import MESSAGE, RAW_SCHEMA
 
     base = base_table()
     if max_field_chars > 0:
@@ -198,7 +198,7 @@ def available_mb() -> float:
 
 
 def run_ours(raw):
-    from orpo_pipeline.clean import clean_preferences
+    from orpo_pipeline.data.clean import clean_preferences
 
     return clean_preferences(raw, eval_fraction=EVAL_FRACTION)
 
@@ -206,7 +206,7 @@ def run_ours(raw):
 # ---------------------------------------------------------------- baseline: datasets map/filter
 
 def baseline_functions():
-    """The same rules as orpo_pipeline.clean, written as a TRL user writes them for `datasets`."""
+    """The same rules as orpo_pipeline.data.clean, written as a TRL user writes them for `datasets`."""
     import re
     import unicodedata
 
@@ -301,7 +301,7 @@ def run_baseline(ds, num_proc: int | None = None):
 
 def worker_batched(args) -> None:
     """Clean the parquet file written by the write_input worker, batch by batch; nothing else in memory."""
-    from orpo_pipeline.clean import clean_parquet_file
+    from orpo_pipeline.data.clean import clean_parquet_file
 
     out = Path(tempfile.mkdtemp(prefix="clean-batched-"))
     result: dict = {"method": "ours_batched", "pairs": args.pairs, "batch_rows": args.batch_rows}
@@ -481,7 +481,7 @@ def main(argv=None) -> int:
                                       *([] if args.no_batched else ["--parquet-path", parquet_path]), *common])
         runs = []
         for k in range(args.repeats):
-            print(f"[ours] orpo_pipeline.clean.clean_preferences on {args.pairs:,} pairs (run {k + 1}/{args.repeats}) ...",
+            print(f"[ours] orpo_pipeline.data.clean.clean_preferences on {args.pairs:,} pairs (run {k + 1}/{args.repeats}) ...",
                   flush=True)
             runs.append(run_worker(script, ["--worker", "ours", "--pairs", str(args.pairs), "--input-path", ipc_path,
                                             *common]))
@@ -541,7 +541,7 @@ def main(argv=None) -> int:
                    "input": "replicated + perturbed ultrafeedback_binarized_1k train+eval and llamafactory "
                             "dpo_en_demo (flattened), built in polars in RAW_SCHEMA by another process; ours reads "
                             "it from an Arrow IPC file, in batches from parquet; neither build nor read timed",
-                   "ours": "orpo_pipeline.clean.clean_preferences(raw) (kept + rejects tables)",
+                   "ours": "orpo_pipeline.data.clean.clean_preferences(raw) (kept + rejects tables)",
                    "baseline": "datasets.Dataset.from_polars (not timed) then filter/map/filter/filter/map/"
                                "filter(xxh3-128 + Python set)/map, same rules"},
         "check": check,

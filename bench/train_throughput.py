@@ -4,7 +4,7 @@ Same model, data (the same pairs, in one epoch), batch size, max_length, number 
 gradient checkpointing, learning rate and schedule on both sides. Each side trains in its own fresh subprocess
 (so its peak memory is its own); with --repeats > 1 the order alternates (ours, stock, stock, ours, ...).
 
-- ours  = `orpo_pipeline.training.train_orpo_adapter` over `orpo_pipeline.tokenization.tokenize_pairs` output
+- ours  = `orpo_pipeline.train.trainer.train_orpo_adapter` over `orpo_pipeline.train.tokenize.tokenize_pairs` output
           (prompt-first truncation, fused chunked ORPO loss, length-grouped batches), called as it is; only its
           trainer class is swapped for a subclass that counts the tokens of each batch and times each step.
 - stock = `trl.experimental.orpo.ORPOTrainer` given the raw conversational pairs (prompt messages, chosen /
@@ -21,7 +21,7 @@ Measured, after the first --warmup-steps optimizer steps (default 1):
 - whether every loss is finite: every step's loss as returned to the Trainer, and every logged loss metric
   (the Trainer's `logging_nan_inf_filter` hides NaN in the logged `loss`, so the raw step losses are checked too).
 
-Data: --data is a preference file (read with orpo_pipeline.ingest + clean, tokenized with tokenize_pairs: needs
+Data: --data is a preference file (read with orpo_pipeline.data.ingest + clean, tokenized with tokenize_pairs: needs
 polars and the SmolLM2 tokenizer) or a folder written by --prepare-only (needs neither: for GPU machines).
 The pairs used are the first batch*steps of a seeded shuffle of the cleaned pairs that ours keeps at max_length.
 
@@ -125,7 +125,7 @@ def wait_for_quiet(max_load: float | None, max_wait_s: float) -> dict:
 
 
 def install_polars_placeholder() -> bool:
-    """orpo_pipeline.tokenization imports polars at module level (training.py imports it for TOKEN_COLUMNS), but
+    """orpo_pipeline.train.tokenize imports polars at module level (training.py imports it for TOKEN_COLUMNS), but
     training over a prepared folder never calls polars. Where polars is not installed (a GPU machine: its 54 MB
     wheel does not fit the 64 MiB that travels), put an inert placeholder in sys.modules so that import succeeds;
     any real use of it raises. Call after `import datasets` (which probes for polars at import)."""
@@ -155,9 +155,9 @@ def prepare(data_file: Path, tokenizer_dir: Path, max_length: int, out: Path, li
     tokenizer/ (the SmolLM2 tokenizer and chat template), prepare.json."""
     from transformers import AutoTokenizer
 
-    from orpo_pipeline.clean import clean_preferences
-    from orpo_pipeline.ingest import iter_records, records_to_table
-    from orpo_pipeline.tokenization import template_texts, tokenize_pairs
+    from orpo_pipeline.data.clean import clean_preferences
+    from orpo_pipeline.data.ingest import iter_records, records_to_table
+    from orpo_pipeline.train.tokenize import template_texts, tokenize_pairs
 
     data_file = Path(data_file)
     t0 = time.perf_counter()
@@ -385,7 +385,7 @@ def summarize(bench: _Bench, warmup: int, device: str, fp: dict) -> dict:
 
 
 def import_training():
-    """orpo_pipeline.training, importable without polars (see install_polars_placeholder)."""
+    """orpo_pipeline.train.trainer, importable without polars (see install_polars_placeholder)."""
     import datasets  # noqa: F401  (before the placeholder: datasets probes for polars at import)
 
     placeholder = install_polars_placeholder()
@@ -425,7 +425,7 @@ def worker_train(spec: dict) -> dict:
                                     "train_runtime_s": result.train_runtime_s,
                                     "tokens_per_second_reported": result.tokens_per_second,
                                     "peak_memory_mb_reported": result.peak_memory_mb}
-            info["entry_point"] = "orpo_pipeline.training.train_orpo_adapter"
+            info["entry_point"] = "orpo_pipeline.train.trainer.train_orpo_adapter"
             info["loss_impl"] = settings.loss_impl
         else:
             from peft import LoraConfig
@@ -716,7 +716,7 @@ def bench_model(model: str, args, prepared: Path, prep_meta: dict, tokenizer_dir
             raise SystemExit(f"building {model} failed: {built['error']}\n{built.get('log_tail', '')}")
         model_dir, model_info = tmp_model, built
     else:
-        from orpo_pipeline.base_model import resolve_base_model
+        from orpo_pipeline.models.base import resolve_base_model
 
         model_dir = resolve_base_model(model, args.model_cache)
         model_info = {"name": model, "dir": str(model_dir),
@@ -793,7 +793,7 @@ def bench_model(model: str, args, prepared: Path, prep_meta: dict, tokenizer_dir
             "gradient_checkpointing": settings.gradient_checkpointing,
             "lora": {k: getattr(settings, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")},
             "train_settings": settings.model_dump(),
-            "ours": {"entry_point": "orpo_pipeline.training.train_orpo_adapter", "loss_impl": settings.loss_impl,
+            "ours": {"entry_point": "orpo_pipeline.train.trainer.train_orpo_adapter", "loss_impl": settings.loss_impl,
                      "data": "tokenize_pairs output (prompt-first truncation), train_sampling_strategy group_by_length"},
             "stock": {"entry_point": "trl.experimental.orpo.ORPOTrainer", "data": "raw conversational pairs, "
                       "tokenized by ORPOTrainer (completion truncation), default random sampler",
@@ -880,7 +880,7 @@ def main(argv=None) -> int:
     else:
         tokenizer_dir = args.tokenizer
         if tokenizer_dir is None:
-            from orpo_pipeline.base_model import resolve_base_model
+            from orpo_pipeline.models.base import resolve_base_model
 
             tokenizer_dir = resolve_base_model("smollm2-135m-instruct", args.model_cache)
         prepared = args.prepare_only or Path(tempfile.mkdtemp(prefix="bench-prepared-"))

@@ -17,7 +17,7 @@ from .config import SAMPLE_DATA_DIR
 
 
 def _files(targets: list[str]) -> list[Path]:
-    from .ingest import preference_files
+    from .data.ingest import preference_files
 
     out: list[Path] = []
     for t in targets:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from resources import StorageResource
 
     from .definitions import defs
-    from .hf_import import DatasetImportError, export_parquet
+    from .data.hf_import import DatasetImportError, export_parquet
 
     parser = argparse.ArgumentParser(prog="orpo_pipeline")
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -5,7 +5,7 @@ import dagster as dg
 from assets import champion, model, preferences
 from assets.hf_import import import_hf_dataset
 from assets.retraining import ingest_and_train_job, preference_drop_sensor, retrain_job, retrain_schedule
-from resources import GpuResource, MlflowResource, StorageResource
+from resources import ComputeResource, MlflowResource, StorageResource
 
 all_assets = dg.load_assets_from_modules([preferences, model])
 all_checks = dg.load_asset_checks_from_modules([preferences, model, champion])
@@ -18,7 +18,7 @@ defs = dg.Definitions(
     schedules=[retrain_schedule],
     resources={
         "storage": StorageResource(),
-        "gpu": GpuResource(),
+        "compute": ComputeResource(),
         "mlflow_tracking": MlflowResource(),
     },
     # ML steps are sequential and heavy to import; one process avoids re-importing torch for every step

@@ -1,7 +1,7 @@
 """Dagster resources: compute runtime, MLflow tracking, artifact storage."""
 
-from .compute import GpuResource
+from .compute import ComputeResource
 from .storage import StorageResource
 from .tracking import MlflowResource
 
-__all__ = ["GpuResource", "MlflowResource", "StorageResource"]
+__all__ = ["ComputeResource", "MlflowResource", "StorageResource"]

@@ -14,7 +14,7 @@ import dagster as dg
 from pydantic import Field
 
 
-class GpuResource(dg.ConfigurableResource):
+class ComputeResource(dg.ConfigurableResource):
     """Device for training and evaluation. Training assets using it run in the Dagster pool `gpu`."""
 
     device: Literal["auto", "cuda", "cpu"] = Field(
@@ -31,7 +31,7 @@ class GpuResource(dg.ConfigurableResource):
     )
 
     def resolve_device(self) -> str:
-        from orpo_pipeline.training import pick_device
+        from orpo_pipeline.train.trainer import pick_device
 
         return pick_device(self.device)
 
@@ -49,7 +49,7 @@ class GpuResource(dg.ConfigurableResource):
                                 adapter_init=adapter_init)
         import datasets
 
-        from orpo_pipeline.training import train_orpo_adapter
+        from orpo_pipeline.train.trainer import train_orpo_adapter
 
         train = datasets.load_from_disk(str(train_dataset_dir))
         with _core_logs_to(context.log):
@@ -57,7 +57,7 @@ class GpuResource(dg.ConfigurableResource):
                                       device=device, on_log=on_log, adapter_init=adapter_init)
 
     def launch_command(self, device: str, args_json: Path, port: int) -> list[str]:
-        """`accelerate launch` running orpo_pipeline.train_cli in num_processes processes on this machine."""
+        """`accelerate launch` running orpo_pipeline.train.launch in num_processes processes on this machine."""
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.num_processes),
                "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
                "--dynamo_backend", "no"]
@@ -70,11 +70,11 @@ class GpuResource(dg.ConfigurableResource):
             # not --cpu: accelerate then starts a single process (it expects MPI to start the rest); on CPU
             # the Trainer's use_cpu makes each process join with gloo instead of NCCL
             cmd += ["--multi_gpu"]
-        return cmd + ["-m", "orpo_pipeline.train_cli", "--args-json", str(args_json)]
+        return cmd + ["-m", "orpo_pipeline.train.launch", "--args-json", str(args_json)]
 
     def _launch(self, context, device: str, *, model_dir, train_dataset_dir, output_dir, settings, max_length,
                 on_log, adapter_init):
-        from orpo_pipeline.training import load_train_result
+        from orpo_pipeline.train.trainer import load_train_result
 
         if self.distributed == "fsdp" and (device != "cuda" or settings.load_in_4bit):
             raise dg.Failure("distributed: fsdp needs CUDA GPUs and full-precision weights; use ddp on CPU or "

@@ -21,14 +21,14 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(model_cache) -> Path:
     """The real embedded default, converted from GGUF (about 25 s, once per session)."""
-    from orpo_pipeline.base_model import resolve_base_model
+    from orpo_pipeline.models.base import resolve_base_model
 
     return resolve_base_model("smollm2-135m-instruct", model_cache)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(model_cache, smollm2_dir) -> Path:
-    from orpo_pipeline.base_model import resolve_base_model
+    from orpo_pipeline.models.base import resolve_base_model
 
     return resolve_base_model("tiny-random-llama", model_cache)
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orpo_pipeline import bulk_ingest
-from orpo_pipeline.bulk_ingest import _bulk, batch_table, parse_options
-from orpo_pipeline.ingest import (
+from orpo_pipeline.data import bulk_ingest
+from orpo_pipeline.data.bulk_ingest import _bulk, batch_table, parse_options
+from orpo_pipeline.data.ingest import (
     PreferenceFormatError,
     iter_file_tables,
     iter_records,
@@ -336,7 +336,7 @@ def test_a_parquet_file_of_text_pairs_goes_in_bulk_with_only_its_odd_rows_row_by
     table = table.with_columns(prompt=pl.when(pl.int_range(n) == 5).then(None).otherwise("prompt"))
     path = tmp_path / "uf.parquet"
     table.write_parquet(path)
-    from orpo_pipeline.bulk_ingest import frame_table
+    from orpo_pipeline.data.bulk_ingest import frame_table
 
     out = frame_table(table, 1, "uf.parquet", "ultrafeedback")
     assert out.equals(records_to_table(iter_records(path), "uf.parquet"))
@@ -348,7 +348,7 @@ def test_a_parquet_file_of_text_pairs_goes_in_bulk_with_only_its_odd_rows_row_by
 def test_conversations_read_in_bulk_are_the_parsers(tmp_path, ext):
     """trl_conversational rows: the prompt is added unless it repeats the first user turn (compared as Python
     strips, where U+001C is whitespace), the last turns are the answers, and faulty rows get the parser's error."""
-    from orpo_pipeline.bulk_pairs import bulk_rows
+    from orpo_pipeline.data.bulk_pairs import bulk_rows
 
     def conv(prompt, last="assistant", other_history=False):
         history = [{"role": "system", "content": "s"}, {"role": "user", "content": " q "}]

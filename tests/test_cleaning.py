@@ -10,10 +10,10 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orpo_pipeline import clean
-from orpo_pipeline.clean import clean_preferences, table_digest
+from orpo_pipeline.data import clean
+from orpo_pipeline.data.clean import clean_preferences, table_digest
 from orpo_pipeline.config import SAMPLE_DATA_DIR
-from orpo_pipeline.ingest import RAW_SCHEMA, PreferenceFormatError, iter_records, read_preference_dir, records_to_table
+from orpo_pipeline.data.ingest import RAW_SCHEMA, PreferenceFormatError, iter_records, read_preference_dir, records_to_table
 
 from .conftest import ULTRAFEEDBACK
 
@@ -386,7 +386,7 @@ def test_fast_path_equals_reference_on_random_unicode(rows):
 
 def test_duplicate_of_an_earlier_file_names_that_copy_not_itself():
     from orpo_pipeline.config import SAMPLE_DATA_DIR
-    from orpo_pipeline.ingest import iter_records, records_to_table
+    from orpo_pipeline.data.ingest import iter_records, records_to_table
 
     f = SAMPLE_DATA_DIR / "helpfulness.jsonl"
     raw = records_to_table(iter_records(f), f.name)
@@ -403,7 +403,7 @@ def test_duplicate_of_an_earlier_file_names_that_copy_not_itself():
 @pytest.mark.parametrize("batch_rows", [7, 64, 100_000])
 def test_cleaning_in_batches_from_parquet_equals_cleaning_the_whole_table(tmp_path, batch_rows):
     from orpo_pipeline.config import SAMPLE_DATA_DIR
-    from orpo_pipeline.ingest import iter_records, records_to_table
+    from orpo_pipeline.data.ingest import iter_records, records_to_table
 
     files = sorted(p for p in SAMPLE_DATA_DIR.iterdir() if p.is_file() and p.suffix in {".jsonl", ".json", ".csv"})
     raw = pl.concat([records_to_table(iter_records(p), p.name) for p in files], how="diagonal_relaxed")

@@ -8,7 +8,7 @@ import dagster as dg
 from assets.champion import decide
 from assets.partitions import register_files, registered_keys
 from assets.retraining import preference_drop_sensor, retrain_schedule
-from orpo_pipeline import drops
+from orpo_pipeline.data import drops
 from orpo_pipeline.config import SAMPLE_DATA_DIR
 from resources import StorageResource
 

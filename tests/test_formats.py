@@ -8,9 +8,9 @@ import typing
 import polars as pl
 import pytest
 
-from orpo_pipeline.clean import REASONS, clean_preferences, reasons_by_source, rows_accounting
+from orpo_pipeline.data.clean import REASONS, clean_preferences, reasons_by_source, rows_accounting
 from orpo_pipeline.config import SAMPLE_DATA_DIR, DataSettings
-from orpo_pipeline.ingest import FORMATS, PreferenceFormatError, iter_records, read_preference_dir, records_to_table
+from orpo_pipeline.data.ingest import FORMATS, PreferenceFormatError, iter_records, read_preference_dir, records_to_table
 
 from .conftest import SHARED, ULTRAFEEDBACK
 

@@ -10,8 +10,8 @@ import pytest
 
 from assets.retraining import preference_drop_sensor
 from orpo_pipeline.definitions import defs
-from orpo_pipeline.hf_import import DatasetImportError, export_parquet, file_name
-from orpo_pipeline.ingest import iter_file_tables
+from orpo_pipeline.data.hf_import import DatasetImportError, export_parquet, file_name
+from orpo_pipeline.data.ingest import iter_file_tables
 from resources import StorageResource
 
 from .conftest import ULTRAFEEDBACK

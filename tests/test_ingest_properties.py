@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orpo_pipeline.clean import clean_preferences, rows_accounting
-from orpo_pipeline.ingest import FORMATS, PreferenceFormatError, iter_records, records_to_table
+from orpo_pipeline.data.clean import clean_preferences, rows_accounting
+from orpo_pipeline.data.ingest import FORMATS, PreferenceFormatError, iter_records, records_to_table
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -256,7 +256,7 @@ parsed_prompt = st.one_of(st.none(), st.lists(st.fixed_dictionaries(
 @given(st.lists(parsed_prompt, max_size=12))
 def test_prompt_column_through_arrow_is_what_polars_builds_from_dicts(prompts):
     """Null prompts, empty lists and empty tables included."""
-    from orpo_pipeline.ingest import RAW_SCHEMA, _table
+    from orpo_pipeline.data.ingest import RAW_SCHEMA, _table
 
     rows = {k: [None] * len(prompts) for k in RAW_SCHEMA}
     rows.update(prompt=prompts, source_file=["f"] * len(prompts), source_row=list(range(len(prompts))))
@@ -266,7 +266,7 @@ def test_prompt_column_through_arrow_is_what_polars_builds_from_dicts(prompts):
 @pytest.mark.parametrize("batch_rows", [1, 3, 1000])
 def test_batches_concatenate_to_the_whole_table(batch_rows):
     from orpo_pipeline.config import SAMPLE_DATA_DIR
-    from orpo_pipeline.ingest import iter_tables
+    from orpo_pipeline.data.ingest import iter_tables
 
     path = sorted(SAMPLE_DATA_DIR.glob("*.jsonl"))[0]
     tables = list(iter_tables(iter_records(path), path.name, batch_rows=batch_rows))

@@ -1,4 +1,4 @@
-"""GpuResource(num_processes=2): training under `accelerate launch` as a Dagster Pipes subprocess, on CPU (gloo)."""
+"""ComputeResource(num_processes=2): training under `accelerate launch` as a Dagster Pipes subprocess, on CPU (gloo)."""
 
 import math
 from pathlib import Path
@@ -6,12 +6,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from orpo_pipeline.clean import clean_preferences
+from orpo_pipeline.data.clean import clean_preferences
 from orpo_pipeline.config import SAMPLE_DATA_DIR, TrainSettings
-from orpo_pipeline.ingest import iter_records, records_to_table
-from orpo_pipeline.tokenization import tokenize_pairs
-from orpo_pipeline.training import set_chat_template
-from resources import GpuResource
+from orpo_pipeline.data.ingest import iter_records, records_to_table
+from orpo_pipeline.train.tokenize import tokenize_pairs
+from orpo_pipeline.train.trainer import set_chat_template
+from resources import ComputeResource
 
 from .test_training import TURNS_TEMPLATE
 
@@ -36,8 +36,8 @@ def test_two_processes_stream_each_step_once_and_rank0_saves(train_dir, tiny_mod
     logged, results = [], []
 
     @dg.asset
-    def adapter(context: dg.AssetExecutionContext, gpu: GpuResource) -> dg.Output[dict]:
-        results.append(gpu.train(context, model_dir=tiny_model_dir, train_dataset_dir=train_dir,
+    def adapter(context: dg.AssetExecutionContext, compute: ComputeResource) -> dg.Output[dict]:
+        results.append(compute.train(context, model_dir=tiny_model_dir, train_dataset_dir=train_dir,
                                  output_dir=tmp_path / "adapter", settings=settings, max_length=128,
                                  on_log=lambda step, logs: logged.append((step, logs))))
         context.add_output_metadata({"steps": results[0].global_steps})
@@ -45,7 +45,7 @@ def test_two_processes_stream_each_step_once_and_rank0_saves(train_dir, tiny_mod
         return dg.Output({"dir": str(tmp_path / "adapter")})
 
     with dg.instance_for_test() as instance:
-        run = dg.materialize([adapter], resources={"gpu": GpuResource(device="cpu", num_processes=2)},
+        run = dg.materialize([adapter], resources={"compute": ComputeResource(device="cpu", num_processes=2)},
                              instance=instance)
         messages = [e.user_message for e in instance.all_logs(run.run_id)]
     assert run.success
@@ -75,14 +75,14 @@ def test_one_process_trains_in_process_with_the_same_logs(train_dir, tiny_model_
     logged = []
 
     @dg.asset
-    def adapter(context: dg.AssetExecutionContext, gpu: GpuResource) -> dict:
-        result = gpu.train(context, model_dir=tiny_model_dir, train_dataset_dir=train_dir,
+    def adapter(context: dg.AssetExecutionContext, compute: ComputeResource) -> dict:
+        result = compute.train(context, model_dir=tiny_model_dir, train_dataset_dir=train_dir,
                            output_dir=tmp_path / "adapter", settings=settings, max_length=128,
                            on_log=lambda step, logs: logged.append(step))
         return {"processes": result.num_processes}  # no Pipes session: a bare value is fine
 
     with dg.instance_for_test() as instance:
-        run = dg.materialize([adapter], resources={"gpu": GpuResource(device="cpu")}, instance=instance)
+        run = dg.materialize([adapter], resources={"compute": ComputeResource(device="cpu")}, instance=instance)
         messages = [e.user_message for e in instance.all_logs(run.run_id)]
     assert run.success and run.output_for_node("adapter") == {"processes": 1} and 1 in logged
     assert sum("chat_template added 1 tokens" in m for m in messages) == 1

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from orpo_pipeline.orpo_loss import (
+from orpo_pipeline.train.loss import (
     OrpoLossOutput,
     causal_lm_hidden_and_head,
     orpo_loss_from_logits,

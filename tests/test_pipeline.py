@@ -10,8 +10,8 @@ import pytest
 from assets.partitions import range_tags, register_files
 from orpo_pipeline.config import SAMPLE_DATA_DIR
 from orpo_pipeline.definitions import all_assets, all_checks
-from orpo_pipeline.ingest import preference_files
-from resources import GpuResource, MlflowResource, StorageResource
+from orpo_pipeline.data.ingest import preference_files
+from resources import ComputeResource, MlflowResource, StorageResource
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def pipeline_run(tmp_path_factory, tiny_model_dir, model_cache):
     state = tmp_path_factory.mktemp("state")
     resources = {
         "storage": StorageResource(root=str(state)),
-        "gpu": GpuResource(device="cpu"),
+        "compute": ComputeResource(device="cpu"),
         "mlflow_tracking": MlflowResource(state_dir=str(state), registered_model_name="tiny-orpo"),
     }
     # the model cache is shared so the tiny model and the GGUF conversion are built once per session

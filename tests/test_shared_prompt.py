@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from orpo_pipeline.clean import clean_preferences
+from orpo_pipeline.data.clean import clean_preferences
 from orpo_pipeline.config import SAMPLE_DATA_DIR, TrainSettings
-from orpo_pipeline.ingest import iter_records, records_to_table
-from orpo_pipeline.shared_prompt import IGNORE_INDEX, SEGMENTED_SDPA, allowed_mask, pack_shared_prompt
-from orpo_pipeline.tokenization import TOKEN_COLUMNS, tokenize_pairs
-from orpo_pipeline.training import PretokenizedORPOTrainer, load_lora_model, orpo_args
+from orpo_pipeline.data.ingest import iter_records, records_to_table
+from orpo_pipeline.train.shared_prompt import IGNORE_INDEX, SEGMENTED_SDPA, allowed_mask, pack_shared_prompt
+from orpo_pipeline.train.tokenize import TOKEN_COLUMNS, tokenize_pairs
+from orpo_pipeline.train.trainer import PretokenizedORPOTrainer, load_lora_model, orpo_args
 
 
 @pytest.fixture(scope="module")

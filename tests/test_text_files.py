@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orpo_pipeline import text_files
-from orpo_pipeline.ingest import PreferenceFormatError, iter_records
-from orpo_pipeline.text_files import TextFileError, iter_csv_rows, iter_json_array, utf8_error_offset
+from orpo_pipeline.data import text_files
+from orpo_pipeline.data.ingest import PreferenceFormatError, iter_records
+from orpo_pipeline.data.text_files import TextFileError, iter_csv_rows, iter_json_array, utf8_error_offset
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -183,7 +183,7 @@ def test_a_json_array_after_a_bom_and_other_documents_still_read(tmp_path):
 
 def read_whole_as_before(path):
     """How ingest read a .json file before text_files: decoded and parsed whole."""
-    from orpo_pipeline.ingest import RowError, _iter_jsonl, _type
+    from orpo_pipeline.data.ingest import RowError, _iter_jsonl, _type
 
     text = path.read_bytes().decode("utf-8-sig")
     try:

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from orpo_pipeline import text_kernels as tk
+from orpo_pipeline.data import text_kernels as tk
 
 from .test_cleaning import CODE_POINTS, _suspects, reference_normalize
 
@@ -54,7 +54,7 @@ def test_scan_reads_sliced_and_long_columns():
 
 @functools.lru_cache(maxsize=1)
 def _not_yes() -> set[int]:
-    from orpo_pipeline.clean import nfc_not_yes_ranges
+    from orpo_pipeline.data.clean import nfc_not_yes_ranges
 
     return {cp for a, b in nfc_not_yes_ranges() for cp in range(a, b + 1)}
 
@@ -73,7 +73,7 @@ def _quick_check_yes(text: str) -> bool:
 
 
 def _flags_by_python(text: str, suspects: set[int]) -> int:
-    from orpo_pipeline.clean import ODD_CHARACTERS
+    from orpo_pipeline.data.clean import ODD_CHARACTERS
 
     from .test_cleaning import WHITE_SPACE
 

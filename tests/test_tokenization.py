@@ -3,10 +3,10 @@ from types import SimpleNamespace
 import polars as pl
 import pytest
 
-from orpo_pipeline.clean import clean_preferences
+from orpo_pipeline.data.clean import clean_preferences
 from orpo_pipeline.config import SAMPLE_DATA_DIR
-from orpo_pipeline.ingest import iter_records, read_preference_dir, records_to_table
-from orpo_pipeline.tokenization import TOKEN_COLUMNS, template_texts, tokenize_pairs
+from orpo_pipeline.data.ingest import iter_records, read_preference_dir, records_to_table
+from orpo_pipeline.train.tokenize import TOKEN_COLUMNS, template_texts, tokenize_pairs
 
 from .conftest import ULTRAFEEDBACK
 

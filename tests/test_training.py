@@ -6,11 +6,11 @@ import polars as pl
 import pytest
 import torch
 
-from orpo_pipeline.clean import clean_preferences
+from orpo_pipeline.data.clean import clean_preferences
 from orpo_pipeline.config import SAMPLE_DATA_DIR, TrainSettings
-from orpo_pipeline.ingest import iter_records, records_to_table
-from orpo_pipeline.tokenization import TOKEN_COLUMNS, tokenize_pairs
-from orpo_pipeline.training import (
+from orpo_pipeline.data.ingest import iter_records, records_to_table
+from orpo_pipeline.train.tokenize import TOKEN_COLUMNS, tokenize_pairs
+from orpo_pipeline.train.trainer import (
     PretokenizedORPOTrainer,
     check_tokenized_with,
     load_lora_model,
@@ -180,7 +180,7 @@ def test_length_buckets_pad_less_than_transformers_grouping_and_still_shuffle():
 
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from orpo_pipeline.training import LengthBucketSampler
+    from orpo_pipeline.train.trainer import LengthBucketSampler
 
     rng = random.Random(0)
     lengths = [rng.randint(20, 512) for _ in range(203)]  # not a multiple of the batch size

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .storage import atomic_dir
+from ..storage import atomic_dir
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, output_dir: Path, dtype: str = "auto", card: dict | None = None) -> Path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .ingest import SUFFIXES
-from .storage import atomic_dir, file_digest
+from ..storage import atomic_dir, file_digest
 
 KEY_LENGTH = 16
 

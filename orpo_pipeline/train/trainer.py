@@ -5,7 +5,7 @@ minus its constructor's dataset pass: ours is already tokenized, truncated
 safely and in TRL's column layout, so it is used as it is.
 
 The same `train_orpo_adapter` runs in one process, or in each of N processes
-under `accelerate launch` (see train_cli.py); rank 0 logs and saves.
+under `accelerate launch` (see launch.py); rank 0 logs and saves.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 from trl.experimental.utils import DPODataCollatorWithPadding
 from trl.trainer.utils import disable_dropout_in_model
 
-from .config import TrainSettings
-from .orpo_loss import causal_lm_hidden_and_head, orpo_loss_fused, orpo_loss_from_logits
+from ..config import TrainSettings
+from .loss import causal_lm_hidden_and_head, orpo_loss_fused, orpo_loss_from_logits
 from .shared_prompt import (
     MASKABLE_ATTENTION,
     SharedPromptBatch,
@@ -42,8 +42,8 @@ from .shared_prompt import (
     pack_shared_prompt,
     register_segmented_sdpa,
 )
-from .storage import atomic_dir, write_json
-from .tokenization import TOKEN_COLUMNS
+from ..storage import atomic_dir, write_json
+from .tokenize import TOKEN_COLUMNS
 
 log = logging.getLogger(__name__)
 

@@ -757,7 +757,7 @@ def clean_parquet_file(path: Path, out_dir: Path, batch_rows: int = 50_000,
     real-length pairs, 50k-row batches peaked at 1.6-2.5 GB and 250k-row ones at 4.6 GB, at the same speed."""
     import pyarrow.parquet as pq
 
-    from .storage import ParquetAppender
+    from ..storage import ParquetAppender
 
     total, done = pq.ParquetFile(path).metadata.num_rows, 0
     with ParquetAppender(out_dir / "train.parquet", background=True) as train, \

@@ -15,8 +15,8 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from .config import DEFAULT_BASE_MODEL
-from .storage import atomic_dir
+from ..config import DEFAULT_BASE_MODEL
+from ..storage import atomic_dir
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .storage import atomic_file
+from ..storage import atomic_file
 
 
 class DatasetImportError(ValueError):

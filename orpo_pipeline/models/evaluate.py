@@ -15,7 +15,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from .orpo_loss import log1mexp
+from ..train.loss import log1mexp
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:

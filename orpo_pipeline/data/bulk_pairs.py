@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from orpo_pipeline import ingest
+from orpo_pipeline.data import ingest
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
 BULK_FORMATS = ("trl_standard", "ultrafeedback", "trl_conversational")

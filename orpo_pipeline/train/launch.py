@@ -1,6 +1,6 @@
 """One training process under `accelerate launch`, as resources/compute.py starts it:
 
-    accelerate launch --num_processes N --multi_gpu -m orpo_pipeline.train_cli --args-json args.json
+    accelerate launch --num_processes N --multi_gpu -m orpo_pipeline.train.launch --args-json args.json
 
 args.json holds train_orpo_adapter's arguments (settings as a dict). Every rank trains; rank 0
 saves the adapter and training_metrics.json into output_dir. When Dagster Pipes started us, rank 0
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import datasets
 
-    from .config import TrainSettings
-    from .training import train_orpo_adapter
+    from ..config import TrainSettings
+    from .trainer import train_orpo_adapter
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with pipes_session() as pipes:

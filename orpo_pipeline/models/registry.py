@@ -19,7 +19,7 @@ class MergedChatModel(mlflow.pyfunc.PythonModel):
         self.model = AutoModelForCausalLM.from_pretrained(context.artifacts["model"])
 
     def predict(self, context, model_input, params=None):
-        from .evaluation import generate_samples
+        from .evaluate import generate_samples
 
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
         max_new = int((params or {}).get("max_new_tokens", 64))

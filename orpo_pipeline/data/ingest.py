@@ -676,11 +676,11 @@ def iter_file_tables(
     bulk (`bulk_ingest`), several times faster."""
     name = Path(path).name.lower()
     if name.endswith(".parquet"):
-        from orpo_pipeline.bulk_ingest import iter_parquet_tables
+        from orpo_pipeline.data.bulk_ingest import iter_parquet_tables
 
         return iter_parquet_tables(Path(path), source, fmt, batch_rows, column_mapping)
     if name.endswith((".jsonl", ".jsonl.gz")) and not column_mapping:  # a missing key and a null look alike there
-        from orpo_pipeline.bulk_ingest import iter_jsonl_tables
+        from orpo_pipeline.data.bulk_ingest import iter_jsonl_tables
 
         return iter_jsonl_tables(Path(path), source, fmt, batch_rows)
     return iter_tables(iter_records(path), source, fmt, column_mapping, batch_rows)

@@ -35,8 +35,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from orpo_pipeline import ingest
-from orpo_pipeline.bulk_pairs import BULK_FORMATS, SCORE_NAMES, TEXT_FIELDS, bulk_rows
+from orpo_pipeline.data import ingest
+from orpo_pipeline.data.bulk_pairs import BULK_FORMATS, SCORE_NAMES, TEXT_FIELDS, bulk_rows
 
 _SCALARS = {str: pa.string(), bool: pa.bool_(), int: pa.int64(), type(None): pa.null()}
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))

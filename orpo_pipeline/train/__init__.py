@@ -1,0 +1,1 @@
+"""Training: tokenization into the trainer's layout, the ORPO loss, the trainer and its multi-process launcher."""
