@@ -72,14 +72,9 @@ def test_kept_rows_carry_source_hash_and_normalized_text(tmp_path):
     assert row["content_hash"] == xxhash.xxh3_128_hexdigest("\x1d".join([key, "Yes indeed", "No"]).encode())
 
 
-def test_rejects_keep_the_text_as_ingested_and_kept_rows_only_their_own_rewritten_strings(monkeypatch):
+def test_rejects_keep_the_text_as_ingested():
     """A reject holds what its source said (the duplicate's own surface form, the whitespace that made a field
-    empty), not the normalized text; the kept table, cut slice by slice, holds new bytes only for its own
-    rewritten strings: those of rejected rows are not kept alive with it."""
-    import pyarrow as pa
-
-    monkeypatch.setattr(clean, "SLICE_ROWS", 64)
-    monkeypatch.setattr(clean, "MIN_SLICE_ROWS", 64)
+    empty), not the normalized text."""
     rows = []
     for i in range(300):
         text = f"answer number {i} with enough text to live outside the view"
@@ -97,14 +92,6 @@ def test_rejects_keep_the_text_as_ingested_and_kept_rows_only_their_own_rewritte
     empty = result.rejects.filter(pl.col("reason") == "empty_chosen").row(0, named=True)
     assert empty["chosen"] == " \u200b " and empty["source_row"] == 601
     assert result.kept["chosen"].to_list() == [r[3].replace(" \r\n", "\n") for r in rows[0:600:2]]
-
-    def buffers(s: pl.Series) -> dict[int, int]:
-        arr = s.to_arrow(compat_level=pl.CompatLevel.newest())
-        chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
-        return {b.address: b.size for c in chunks for b in c.buffers()[2:] if b is not None}
-
-    new = {a: n for a, n in buffers(result.kept["chosen"]).items() if a not in buffers(raw["chosen"])}
-    assert sum(new.values()) == sum(len(t.encode()) for t in result.kept["chosen"].to_list())
 
 
 def test_split_is_by_prompt_and_stable_when_data_is_added():
@@ -206,10 +193,6 @@ def assert_same_tables(fast, ref):
     assert fast.rejects.equals(ref.rejects)
 
 
-def _suspects() -> set[int]:
-    return {cp for a, b in clean.nfc_suspect_ranges() for cp in range(a, b + 1)}
-
-
 ASTRAL_SAMPLE = sorted(
     set(range(0x10000, 0x110000, 97))
     | set(range(0x1D15E, 0x1D165)) | set(range(0x1D1BB, 0x1D1C1))  # musical symbols: composition exclusions
@@ -218,49 +201,6 @@ ASTRAL_SAMPLE = sorted(
     | {0x1F600, 0x1F44D, 0x1F3FB, 0x1E4EC, 0x113C2, 0x113C5, 0x16D67, 0x16D68}  # emoji, newer-Unicode marks
 )
 CODE_POINTS = [cp for cp in range(0x10000) if not 0xD800 <= cp <= 0xDFFF] + ASTRAL_SAMPLE
-
-
-def test_a_code_point_outside_the_nfc_suspect_class_is_nfc_and_never_composes():
-    """Over every BMP code point and a sample of astral ones: what the class leaves out is NFC on its own,
-    has combining class 0, and is never the second half of a canonical composition. By the NFC quick check
-    (UAX #15), a string of such code points is NFC, so any string NFC changes holds a suspect."""
-    suspects = _suspects()
-    outside = [cp for cp in CODE_POINTS if cp not in suspects]
-    for cp in outside:
-        ch = chr(cp)
-        assert unicodedata.combining(ch) == 0, hex(cp)
-        assert unicodedata.is_normalized("NFC", ch), hex(cp)
-    # every canonical pair, over all of Unicode: its second half may compose with what precedes it
-    for cp in range(0x110000):
-        d = unicodedata.decomposition(chr(cp)) if not 0xD800 <= cp <= 0xDFFF else ""
-        if d and not d.startswith("<") and len(d.split()) == 2:
-            assert int(d.split()[1], 16) in suspects, hex(cp)
-    assert all(cp in suspects for cp in [*range(0x1161, 0x1176), *range(0x11A8, 0x11C3)])  # Hangul V, T jamo
-    # polars (a newer Unicode than Python's) agrees on every code point left out, alone and after each
-    # character that can start a composition (first halves of canonical pairs, Hangul L jamo and LV syllables)
-    starters = {int(d.split()[0], 16) for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF
-                for d in [unicodedata.decomposition(chr(cp))] if d and not d.startswith("<") and len(d.split()) == 2}
-    starters = (starters | set(range(0x1100, 0x1113)) | set(range(0xAC00, 0xD7A4, 28))) - suspects
-    body = "".join(map(chr, outside))
-    texts = [body, body[::-1]] + ["".join(chr(a) + c for c in body[i::7]) for i, a in enumerate(sorted(starters))]
-    assert all(unicodedata.is_normalized("NFC", t) for t in texts)
-    series = pl.Series(texts)
-    assert series.str.normalize("NFC").equals(series)
-
-
-def test_strings_nfc_changes_contain_a_suspect():
-    """Random strings mixing suspects with plain text: NFC changes a string only if it holds a suspect."""
-    suspects = _suspects()
-    rng = random.Random(0)
-    pool = [cp for cp in CODE_POINTS if unicodedata.category(chr(cp)) != "Cn"]
-    marks = [cp for cp in pool if cp in suspects]
-    texts = ["".join(chr(rng.choice(marks if rng.random() < 0.2 else pool)) for _ in range(rng.randint(1, 8)))
-             for _ in range(20_000)]
-    found = pl.Series(texts).str.contains(clean.nfc_suspect_class()).to_list()
-    for text, has_suspect in zip(texts, found):
-        assert has_suspect == any(ord(c) in suspects for c in text)  # the regex class is the set
-        if not unicodedata.is_normalized("NFC", text):
-            assert has_suspect, ascii(text)
 
 
 def test_normalize_series_equals_the_rules_on_every_code_point():
@@ -305,35 +245,14 @@ def _edge_rows():
     ]
 
 
-@pytest.mark.parametrize("slice_rows", [None, 3])
 @pytest.mark.parametrize("kwargs", [{}, {"min_score_margin": 0.5}, {"eval_fraction": 0.5}])
-def test_fast_path_equals_reference_on_sample_and_edge_rows(kwargs, slice_rows, monkeypatch):
-    if slice_rows:  # row-local work in many small slices on the thread pool: lists cut at every boundary
-        monkeypatch.setattr(clean, "SLICE_ROWS", slice_rows)
-        monkeypatch.setattr(clean, "MIN_SLICE_ROWS", slice_rows)
+def test_fast_path_equals_reference_on_sample_and_edge_rows(kwargs):
     sample = read_preference_dir(SAMPLE_DATA_DIR)
     edge = pl.DataFrame(_edge_rows(), schema=RAW_SCHEMA, orient="row")
     for raw in (sample, edge, edge.slice(2), pl.concat([edge.head(7), edge.slice(7)], rechunk=False), edge.head(0)):
         assert_same_tables(*clean_both_ways(raw, **kwargs))
     known = clean_preferences(sample).kept["content_hash"].head(20)
     assert_same_tables(*clean_both_ways(sample, known_hashes=known, **kwargs))
-
-
-def test_empty_prompts_equal_the_list_eval_they_replace():
-    """Edge rows (no messages, a null message, null role or content, empty content) and random prompts, sliced so
-    the lists' offsets do not start at zero."""
-    rng = random.Random(3)
-    contents = ["", "q", None, " "]
-    random_prompts = [None if rng.random() < 0.05 else
-                      [None if rng.random() < 0.1 else {"role": "user", "content": rng.choice(contents)}
-                       for _ in range(rng.randint(0, 3))] for _ in range(3000)]
-    edge = pl.DataFrame(_edge_rows(), schema=RAW_SCHEMA, orient="row")["prompt"]
-    for prompt in (edge, edge.slice(3), pl.Series("prompt", random_prompts, dtype=RAW_SCHEMA["prompt"]).slice(7)):
-        expected = prompt.to_frame().select(
-            pl.col("prompt").list.len().fill_null(0).eq(0)
-            | pl.col("prompt").list.eval(pl.element().struct.field("content").str.len_bytes().eq(0)).list.any()
-        ).to_series()
-        assert clean._empty_prompts(prompt).to_list() == expected.fill_null(False).to_list()
 
 
 def test_an_error_reason_cleaning_does_not_know_is_kept_as_the_reason():
@@ -452,16 +371,3 @@ def test_a_failed_batch_write_stops_cleaning_with_its_error(tmp_path, monkeypatc
     with pytest.raises(OSError, match="No space left"):
         clean.clean_parquet_file(tmp_path / "raw.parquet", tmp_path / "out", batch_rows=50)
 
-
-def test_slices_too_large_for_string_views_take_the_polars_way(monkeypatch):
-    """New buffers of 2 GiB or more cannot hold string views (32-bit offsets): the rules and the hash inputs then
-    run as polars expressions, with the same tables."""
-    from orpo_pipeline import text_kernels
-    from orpo_pipeline.config import SAMPLE_DATA_DIR
-
-    sample = pl.concat([read_preference_dir(SAMPLE_DATA_DIR), pl.DataFrame(_edge_rows(), schema=RAW_SCHEMA,
-                                                                          orient="row")], how="diagonal_relaxed")
-    fast = clean_preferences(sample, min_score_margin=0.5)
-    monkeypatch.setattr(text_kernels, "MAX_VIEW_BUFFER", 1)
-    assert text_kernels.pair_texts(sample["prompt"], sample["chosen"], sample["rejected"]) is None
-    assert_same_tables(clean_preferences(sample, min_score_margin=0.5), fast)
