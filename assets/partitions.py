@@ -12,18 +12,33 @@ def registered_keys(instance: dg.DagsterInstance) -> list[str]:
     return list(instance.get_dynamic_partitions(preference_files.name))
 
 
-def register_files(instance: dg.DagsterInstance, paths, sources_path) -> tuple[list[drops.Source], list[str]]:
-    """Store files by content and add partitions for the new ones; returns (sources, newly added keys)."""
+def register_files(instance: dg.DagsterInstance, paths, sources_path, allow_symlinks: bool = False,
+                   refused: list[str] | None = None) -> tuple[list[drops.Source], list[str]]:
+    """Store files by content and add partitions for the new ones; returns (sources, newly added keys).
+
+    A file that cannot be registered (drops.SourceRefused: a symlink, a FIFO, an empty file) raises, or, given a
+    `refused` list, has its reason appended there and is skipped."""
     known = set(registered_keys(instance))
     sources, new = [], []
     for p in paths:
-        src = drops.store_source(p, sources_path)
+        try:
+            src = drops.store_source(p, sources_path, allow_symlinks)
+        except drops.SourceRefused as e:
+            if refused is None:
+                raise
+            refused.append(str(e))
+            continue
         sources.append(src)
         if src.key not in known and src.key not in new:
             new.append(src.key)
     if new:
         instance.add_dynamic_partitions(preference_files.name, new)
     return sources, new
+
+
+def file_names(sources_path, keys: list[str]) -> dict[str, str]:
+    """Partition key -> the file name it was registered under."""
+    return {k: drops.load_source(sources_path, k).name for k in keys}
 
 
 def range_tags(keys: list[str]) -> dict[str, str]:

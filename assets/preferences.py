@@ -29,7 +29,7 @@ def raw_preferences(
     for key in context.partition_keys:
         src = drops.load_source(storage.sources_path, key)
         tables = ingest.iter_file_tables(src.path, src.name, config.format, config.column_mapping,
-                                         batch_rows=config.batch_rows)
+                                         batch_rows=config.batch_rows, max_record_bytes=config.max_record_bytes)
         row = {"partition": key, "file": src.name, "format": None, "rows": 0, "unparseable": 0}
         try:  # a batch at a time: a file of millions of pairs is never held whole
             with atomic_dir(storage.partition_dir("raw_preferences", key)) as tmp, \
@@ -43,17 +43,17 @@ def raw_preferences(
                         context.log.info(f"{key} ({src.name}): {row['rows']:,} rows read")
         except ingest.PreferenceFormatError as e:
             raise dg.Failure(f"partition {key} ({src.name}): {e}") from e
-        rows.append({**row, "format": str(row["format"] or "?")})
-    table = pl.DataFrame(rows)
+        row["format"] = str(row["format"] or "?")
+        # this file's own figures on its own partition's materialization
+        metadata = {"file_name": src.name, "format": row["format"], "rows": row["rows"],
+                    "unparseable": row["unparseable"]}
+        if row["rows"] == 0:
+            metadata["warning"] = f"{src.name} holds no records (an empty array, only blank lines or a bare header)"
+            context.log.warning(f"{key}: {metadata['warning']}")
+        context.add_asset_metadata(metadata, partition_key=key)
+        rows.append(row)
     run_id = mlflow_tracking.run_id_for(context.run.run_id, context.asset_key.to_user_string())
-    return dg.MaterializeResult(
-        metadata={
-            "rows": int(table["rows"].sum()),
-            "unparseable": int(table["unparseable"].sum()),
-            "files": dg.MetadataValue.md(markdown_table(table)),
-            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
-        }
-    )
+    return dg.MaterializeResult(metadata={"mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id))})
 
 
 def _hash_index_path(storage: StorageResource) -> Path:
@@ -117,7 +117,8 @@ def cleaned_preferences(
 
             totals = clean.clean_parquet_file(raw_path, tmp, batch_rows=config.batch_rows, progress=progress,
                                               eval_fraction=config.eval_fraction, known_hashes=known,
-                                              min_score_margin=config.min_score_margin)
+                                              min_score_margin=config.min_score_margin,
+                                              max_pair_chars=config.max_pair_chars)
             accounting = totals["accounting"]
             if not accounting["balanced"].all():
                 raise dg.Failure(f"row accounting broke in {key}: {accounting.filter(~pl.col('balanced')).to_dicts()}")
@@ -133,11 +134,16 @@ def cleaned_preferences(
         index = pl.concat([index.filter(pl.col("partition") != key),
                            totals["kept_index"].select(pl.lit(key).alias("partition"), "content_hash", "source_file",
                                                        "source_row")], how="diagonal_relaxed")
-        summary.append({"partition": key, "file": str(accounting["source_file"].first() or ""),
-                        "rows_in": totals["rows_in"],
+        file_name = drops.load_source(storage.sources_path, key).name
+        summary.append({"partition": key, "file": file_name, "rows_in": totals["rows_in"],
                         "reject_share": round(totals["rejected"] / max(totals["rows_in"], 1), 4),
                         "kept": totals["kept"], "train": totals["train"], "eval": totals["eval"],
                         "rejected": totals["rejected"], **counts})
+        # this file's own counts on its own partition's materialization
+        context.add_asset_metadata({"file_name": file_name, "rows_in": totals["rows_in"], "kept": totals["kept"],
+                                    "train_pairs": totals["train"], "eval_pairs": totals["eval"],
+                                    "rejected": totals["rejected"],
+                                    "rejected_by_reason": dg.MetadataValue.json(counts)}, partition_key=key)
     _write_hash_index(storage, index)
     table = pl.DataFrame(summary)
     reasons = {r: int(table[r].sum()) for r in clean.REASONS}
@@ -157,19 +163,8 @@ def cleaned_preferences(
         mlflow.log_metrics({"data/kept_pairs": int(table["kept"].sum()), "data/train_pairs": int(table["train"].sum()),
                             "data/eval_pairs": int(table["eval"].sum())})
         mlflow.log_artifacts(str(report_dir), artifact_path="data_quality")
-    return dg.MaterializeResult(
-        metadata={
-            **extra,
-            "train_pairs": int(table["train"].sum()),
-            "eval_pairs": int(table["eval"].sum()),
-            "rows_in": int(table["rows_in"].sum()),
-            "kept": int(table["kept"].sum()),
-            "rejected": int(table["rejected"].sum()),
-            "rejected_by_reason": dg.MetadataValue.json(reasons),
-            "per_file": dg.MetadataValue.md(markdown_table(table)),
-            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
-        }
-    )
+    # the run's totals are in MLflow and the cleaning report; each partition carries its own file's counts
+    return dg.MaterializeResult(metadata={**extra, "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id))})
 
 
 def accepted_partitions(instance: dg.DagsterInstance, storage: StorageResource) -> list[tuple[str, Path]]:

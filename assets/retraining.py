@@ -50,7 +50,10 @@ def preference_drop_sensor(context: dg.SensorEvaluationContext, storage: Storage
     ready, stats = drops.settled_files(storage.drop_path, previous, SETTLE_SECONDS)
     # files already registered are not hashed again while their size and mtime stay the same
     fresh = [p for p in ready if done.get(str(p)) != stats[str(p)]]
-    sources, new_keys = register_files(context.instance, fresh, storage.sources_path)
+    refused: list[str] = []
+    sources, new_keys = register_files(context.instance, fresh, storage.sources_path, storage.allow_symlinks, refused)
+    for reason in refused:
+        context.log.warning(f"not registered: {reason}")
     done.update({str(p): stats[str(p)] for p in fresh})
     context.update_cursor(json.dumps({"done": done, "stats": stats}))
     waiting = len(stats) - len(ready)

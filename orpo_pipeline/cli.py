@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from resources import StorageResource
 
     from .definitions import defs
+    from .data.drops import SourceRefused
     from .data.hf_import import DatasetImportError, export_parquet
 
     parser = argparse.ArgumentParser(prog="orpo_pipeline")
@@ -61,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         else:
             paths = _files([args.data_dir])
-        sources, new = register_files(instance, paths, storage.sources_path)
+        try:
+            sources, new = register_files(instance, paths, storage.sources_path, storage.allow_symlinks)
+        except SourceRefused as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     for s in sources:
         print(f"{'new ' if s.key in new else 'seen'} {s.key}  {s.name}")
     if args.cmd == "register":

@@ -37,7 +37,9 @@ class DataSettings(BaseModel):
     )
     column_mapping: dict[str, str] = Field(
         default_factory=dict,
-        description="Columns renamed before the format is detected, e.g. {question: prompt, good: chosen, bad: rejected}.",
+        description="Columns renamed before the format is detected, e.g. {question: prompt, good: chosen, bad: "
+        "rejected}; columns mapped to 'name[]' are gathered into the list 'name', in this order, e.g. "
+        "{judge_a: 'labels[]', judge_b: 'labels[]'}.",
     )
     min_score_margin: float | None = Field(
         None,
@@ -48,7 +50,15 @@ class DataSettings(BaseModel):
         50_000,
         ge=1,
         description="Rows read, cleaned and written at a time; memory follows it, not the file size "
-        "(cleaning 500k real-length pairs 50k at a time peaked at 1.9-2.0 GB).",
+        "(bench/README.md has the figures).",
+    )
+    max_record_bytes: int = Field(
+        16 * 2**20, ge=1024, description="Longest line, CSV row or JSON array element read, in bytes; a longer "
+        "JSON line is rejected (file:line), a longer CSV row or array element stops its file with that error."
+    )
+    max_pair_chars: int = Field(
+        1_000_000, ge=1, description="Longest pair (prompt messages + chosen + rejected, in characters) cleaning "
+        "keeps; longer ones are rejected as pair_too_long before tokenization."
     )
 
 

@@ -19,6 +19,9 @@ class StorageResource(dg.ConfigurableResource):
 
     root: str = Field(default_factory=default_state_dir, description="State directory (env ORPO_PIPELINE_HOME).")
     drop_dir: str = Field(default="", description="Folder watched for new preference files. Empty: <root>/drops.")
+    allow_symlinks: bool = Field(default=False, description="Register preference files that are symbolic links "
+                                 "(in the drop folder, --data-dir or `cli register`); refused by default, since a "
+                                 "link can point anywhere (/etc/passwd).")
 
     @property
     def root_path(self) -> Path:

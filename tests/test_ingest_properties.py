@@ -263,11 +263,9 @@ parsed_prompt = st.one_of(st.none(), st.lists(st.fixed_dictionaries(
 @given(st.lists(parsed_prompt, max_size=12))
 def test_prompt_column_through_arrow_is_what_polars_builds_from_dicts(prompts):
     """Null prompts, empty lists and empty tables included."""
-    from orpo_pipeline.data.ingest import RAW_SCHEMA, _table
+    from orpo_pipeline.data.ingest import RAW_SCHEMA, _message_lists
 
-    rows = {k: [None] * len(prompts) for k in RAW_SCHEMA}
-    rows.update(prompt=prompts, source_file=["f"] * len(prompts), source_row=list(range(len(prompts))))
-    assert _table(rows).equals(pl.DataFrame(rows, schema=RAW_SCHEMA))
+    assert _message_lists(prompts).equals(pl.Series("prompt", prompts, dtype=RAW_SCHEMA["prompt"]))
 
 
 @pytest.mark.parametrize("batch_rows", [1, 3, 1000])

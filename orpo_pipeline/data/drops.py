@@ -5,6 +5,11 @@ scans and it is older than `settle_seconds` (a file still being written is not
 picked up half-done). Registration copies it into a content-addressed store, so
 its partition's data never changes under it, and a renamed or re-saved copy with
 the same bytes maps to the same key (not new).
+
+Refused, with the reason (`SourceRefused`): symlinks (unless allowed), FIFOs and other
+special files (reading one could block forever), and empty files (every zero-byte
+file has the same content key, so files of different types would become one
+partition of no rows).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ingest import SUFFIXES
+from .formats import PreferenceFormatError
+from .readers import SUFFIXES, check_file
 from ..storage import atomic_dir, file_digest
 
 KEY_LENGTH = 16
@@ -40,9 +46,10 @@ def candidate_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
+    # links and special files too: registration refuses them with a reason instead of leaving them out unseen
     return sorted(
         p for p in folder.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(SUFFIXES)
+        if not p.is_dir() and not p.name.startswith(".") and p.name.lower().endswith(SUFFIXES)
     )
 
 
@@ -52,7 +59,7 @@ def settled_files(folder: Path, previous: dict[str, list[float]], settle_seconds
     stats = {}
     ready = []
     for p in candidate_files(folder):
-        st = p.stat()
+        st = p.lstat()
         stat = [st.st_size, st.st_mtime]
         stats[str(p)] = stat
         if previous.get(str(p)) == stat and now - st.st_mtime >= settle_seconds:
@@ -60,8 +67,19 @@ def settled_files(folder: Path, previous: dict[str, list[float]], settle_seconds
     return ready, stats
 
 
-def store_source(path: Path, store: Path) -> Source:
-    """Copy into `store/<key>/` (once) and describe it."""
+class SourceRefused(ValueError):
+    """A file that is not registered; the message names it and says why."""
+
+
+def store_source(path: Path, store: Path, allow_symlinks: bool = False) -> Source:
+    """Copy into `store/<key>/` (once) and describe it; SourceRefused for what is not read (module docstring)."""
+    path = Path(path)
+    try:
+        st = check_file(path, allow_symlinks)
+    except PreferenceFormatError as e:
+        raise SourceRefused(str(e)) from None
+    if st.st_size == 0:
+        raise SourceRefused(f"{path}: empty file (0 bytes); nothing to register")
     digest = file_digest(path)
     key = partition_key(digest)
     target = Path(store) / key

@@ -37,8 +37,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 SCORE_KEYS = (
     ("score_chosen", "score_rejected"),
@@ -59,14 +58,8 @@ RESPONSE_PAIRS = {
 LABEL_KEYS = ("preference", "label", "labels", "annotations", "winner", "choice", "better_response_id")
 ANNOTATOR_COLUMN = re.compile(r"annotator_?(\d+)")  # one judge's vote per column: annotator1, annotator_2, ...
 INSTRUCTION_KEYS = ("instruction", "prompt", "question")
-SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "model": "assistant",
-    "system": "system",
-}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "system": "system"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
@@ -83,8 +76,7 @@ class RowError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Pair:
+class Pair(NamedTuple):
     prompt: list[dict[str, str]]
     chosen: str
     rejected: str
@@ -112,10 +104,11 @@ def _check_text(value: Any, field: str) -> str:
         raise RowError(f"missing field '{field}'")
     if not isinstance(value, str):
         raise RowError(f"field '{field}': expected text, got {_type(value)}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # JSON "\ud800" escapes decode to lone surrogates that polars cannot store
-        raise RowError(f"field '{field}': not valid Unicode (lone surrogate)") from None
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # JSON "\ud800" escapes decode to lone surrogates that polars cannot store
+            raise RowError(f"field '{field}': not valid Unicode (lone surrogate)") from None
     return value
 
 
@@ -191,6 +184,8 @@ def _join_conversation(prompt: Any, chosen: list[dict], rejected: list[dict]) ->
 
 def _scores(obj: dict) -> tuple[float | None, float | None]:
     """The first score pair found (top level, then `metadata`); a pair with a missing half counts as none."""
+    if _SCORE_PLACES.isdisjoint(obj):
+        return None, None
     places = [obj] + ([obj["metadata"]] if isinstance(obj.get("metadata"), dict) else [])
     for place in places:
         for c, r in SCORE_KEYS:
@@ -199,6 +194,9 @@ def _scores(obj: dict) -> tuple[float | None, float | None]:
                     return None, None
                 return _number(place[c], c), _number(place[r], r)
     return None, None
+
+
+_SCORE_PLACES = frozenset([*(k for pair in SCORE_KEYS for k in pair), "metadata"])
 
 
 def _has_scores(obj: dict) -> bool:
@@ -409,7 +407,7 @@ def _with_system(obj: dict, pair: Pair) -> Pair:
         return pair
     if pair.prompt and pair.prompt[0]["role"] == "system":
         return pair
-    return replace(pair, prompt=[{"role": "system", "content": system}] + pair.prompt)
+    return pair._replace(prompt=[{"role": "system", "content": system}] + pair.prompt)
 
 
 def parse(rec: dict | RowError, parser: Callable[[dict], Pair] | None) -> tuple[Pair | None, RowError | None]:

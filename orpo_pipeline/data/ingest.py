@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 
 import polars as pl
 
-from .formats import FORMATS, PreferenceFormatError, RowError, apply_mapping, detect, parse, parser_for
+from .formats import FORMATS, Pair, PreferenceFormatError, RowError, apply_mapping, detect, parse, parser_for
 from .readers import MAX_RECORD_BYTES, SUFFIXES, iter_records, preference_files
 
 __all__ = ["FORMATS", "MESSAGE", "RAW_SCHEMA", "SUFFIXES", "PreferenceFormatError", "RowError", "iter_records",
@@ -55,9 +55,20 @@ def _message_lists(prompts: list[list[dict[str, str]] | None]) -> pl.Series:
     return pl.Series("prompt", lists).cast(RAW_SCHEMA["prompt"])
 
 
-def _table(rows: dict[str, list]) -> pl.DataFrame:
-    prompts = _message_lists(rows["prompt"])
-    return pl.DataFrame({**rows, "prompt": [None] * len(prompts)}, schema=RAW_SCHEMA).with_columns(prompts)
+NO_PAIR = Pair(None, None, None, None, None)
+
+
+def _table(rows: list[tuple], source: str, fmt: str | None) -> pl.DataFrame:
+    columns = {
+        "source_file": pl.repeat(source, len(rows), dtype=pl.String, eager=True),
+        "source_row": [r[0] for r in rows], "prompt": [None] * len(rows),
+        **{name: [r[1][i] for r in rows] for i, name in
+           ((1, "chosen"), (2, "rejected"), (3, "score_chosen"), (4, "score_rejected"))},
+        "error": [r[2] and f"{source}:{r[0]}: {r[2]}" for r in rows],
+        "error_reason": [r[2] and r[2].reason for r in rows],
+        "format": pl.repeat(fmt, len(rows), dtype=pl.String, eager=True),
+    }
+    return pl.DataFrame(columns, schema=RAW_SCHEMA).with_columns(_message_lists([r[1][0] for r in rows]))
 
 
 def iter_tables(
@@ -70,33 +81,21 @@ def iter_tables(
     """Parse records of one source into raw-table rows, `batch_rows` at a time (at least one table, maybe empty);
     bad records keep their error. The format is detected once, from the first record that matches one."""
     parser = parser_for(fmt)
-    records = ((n, apply_mapping(rec, column_mapping)) for n, rec in records)
+    if column_mapping:
+        records = ((n, apply_mapping(rec, column_mapping)) for n, rec in records)
     if parser is None:
         fmt, records = detect(records, source)
         parser = FORMATS[fmt][1] if fmt else None
-    rows: dict[str, list] = {k: [] for k in RAW_SCHEMA}
+    rows: list[tuple] = []  # (row number, Pair or NO_PAIR, RowError or None); columns are cut per batch
     yielded = False
     for row_no, rec in records:
         pair, error = parse(rec, parser)
-        rows["source_file"].append(source)
-        rows["source_row"].append(row_no)
-        rows["error"].append(error and f"{source}:{row_no}: {error}")
-        rows["error_reason"].append(error and error.reason)
-        rows["format"].append(fmt)
-        if pair is None:
-            for field in ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"):
-                rows[field].append(None)
-        else:
-            rows["prompt"].append(pair.prompt)
-            rows["chosen"].append(pair.chosen)
-            rows["rejected"].append(pair.rejected)
-            rows["score_chosen"].append(pair.score_chosen)
-            rows["score_rejected"].append(pair.score_rejected)
-        if len(rows["source_row"]) >= batch_rows:
-            yield _table(rows)
-            rows, yielded = {k: [] for k in RAW_SCHEMA}, True
-    if rows["source_row"] or not yielded:
-        yield _table(rows)
+        rows.append((row_no, pair or NO_PAIR, error))
+        if len(rows) >= batch_rows:
+            yield _table(rows, source, fmt)
+            rows, yielded = [], True
+    if rows or not yielded:
+        yield _table(rows, source, fmt)
 
 
 def records_to_table(
