@@ -4,6 +4,7 @@ import os
 import time
 
 import dagster as dg
+import pytest
 
 from assets.champion import decide
 from assets.partitions import register_files, registered_keys
@@ -86,3 +87,72 @@ def test_champion_decision():
     promote, why = decide(0.65, 0.70, 0.02)
     assert not promote and "champion kept" in why
     assert not decide(0.99, 0.70, -1.0)[0]  # tolerance -1: must beat the champion by 1.0
+
+
+def test_links_fifos_and_empty_files_are_refused_with_their_reason(tmp_path):
+    """A link could point anywhere (/etc/passwd), reading a FIFO would block forever, and every empty file has the
+    same content key: none of them becomes a partition, each is named with its reason."""
+    import subprocess
+    import sys
+
+    drop, store = tmp_path / "drops", tmp_path / "store"
+    drop.mkdir()
+    (drop / "passwd.jsonl").symlink_to("/etc/passwd")
+    os.mkfifo(drop / "pipe.jsonl")
+    (drop / "empty.jsonl").write_bytes(b"")
+    (drop / "empty.csv").write_bytes(b"")
+    (tmp_path / "real.jsonl").write_bytes((SAMPLE_DATA_DIR / "factual.jsonl").read_bytes())
+    (drop / "linked.jsonl").symlink_to(tmp_path / "real.jsonl")
+    with dg.instance_for_test() as instance:
+        refused: list[str] = []
+        sources, new = register_files(instance, drops.candidate_files(drop), store, refused=refused)
+        assert sources == [] and new == [] and registered_keys(instance) == []
+        reasons = dict(zip(sorted(p.name for p in drop.iterdir()), sorted(refused)))
+        assert "empty file (0 bytes)" in reasons["empty.csv"] and "empty file (0 bytes)" in reasons["empty.jsonl"]
+        assert "a symbolic link (to /etc/passwd)" in reasons["passwd.jsonl"]
+        assert "not a regular file (FIFO)" in reasons["pipe.jsonl"]
+        with pytest.raises(drops.SourceRefused, match="symbolic link"):
+            register_files(instance, [drop / "passwd.jsonl"], store)
+        _, new = register_files(instance, [drop / "linked.jsonl"], store, allow_symlinks=True)  # the opt-in
+        assert len(new) == 1 and drops.load_source(store, new[0]).path.read_bytes() == (tmp_path / "real.jsonl").read_bytes()
+    # `cli register` on a FIFO ends at once with the reason (it used to block forever)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "ORPO_PIPELINE_HOME": str(tmp_path / "state")}
+    done = subprocess.run([sys.executable, "-m", "orpo_pipeline.cli", "register", str(drop / "pipe.jsonl")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not a regular file (FIFO)" in done.stderr
+
+
+def test_each_partition_carries_its_own_files_counts_and_name(tmp_path):
+    """Per partition, the materialization event holds that file's counts (not the run's totals) and its name."""
+    from assets.partitions import range_tags
+    from assets.preferences import cleaned_preferences, raw_preferences
+    from resources import MlflowResource
+
+    storage = StorageResource(root=str(tmp_path / "state"))
+    resources = {"storage": storage, "mlflow_tracking": MlflowResource(state_dir=str(tmp_path / "state"))}
+    (tmp_path / "none.json").write_text("[]")
+    files = [SAMPLE_DATA_DIR / "factual.jsonl", SAMPLE_DATA_DIR / "dirty.jsonl", tmp_path / "none.json"]
+    with dg.instance_for_test() as instance:
+        _, keys = register_files(instance, files, storage.sources_path)
+        run = dg.materialize([raw_preferences, cleaned_preferences], resources=resources, instance=instance,
+                             tags=range_tags(keys))
+        assert run.success
+
+        def metadata(asset, key):
+            [record] = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=asset.key, asset_partitions=[key]), limit=10).records
+            return {k: v.value for k, v in record.asset_materialization.metadata.items()}
+
+        for key, path in zip(keys, files):
+            lines = [line for line in path.read_text().splitlines() if line.strip()] if path.suffix == ".jsonl" else []
+            raw, cleaned = metadata(raw_preferences, key), metadata(cleaned_preferences, key)
+            assert raw["file_name"] == cleaned["file_name"] == path.name
+            assert raw["rows"] == cleaned["rows_in"] == len(lines)
+            assert cleaned["kept"] + cleaned["rejected"] == len(lines)
+            assert cleaned["train_pairs"] + cleaned["eval_pairs"] == cleaned["kept"]
+        dirty = metadata(cleaned_preferences, keys[1])
+        assert dirty["rejected_by_reason"]["unparseable"] == 3 and dirty["rejected"] == 9
+        assert "holds no records" in metadata(raw_preferences, keys[2])["warning"]
+        assert "warning" not in metadata(raw_preferences, keys[0])

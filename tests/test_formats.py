@@ -410,3 +410,93 @@ def test_llamafactory_multi_turn_demo_keeps_whole_conversations():
         roles = {"human": "user", "gpt": "assistant", "system": "system"}
         assert [m["role"] for m in prompt] == [roles[m["from"]] for m in conv]
         assert prompt[-1]["role"] == "user"
+
+
+# ---------------------------------------------------------------- judgment tables, gathered labels, bad input
+
+
+def test_numbered_annotator_columns_are_pairwise_votes_and_ties_are_rejected(tmp_path):
+    """Public judgment tables: response1/response2 and one column per annotator (1, 2, or 0 for a tie)."""
+    def row(votes, first="4", second="5"):
+        return {"prompt": QUESTION, "response1": first, "response2": second,
+                **{f"annotator{i + 1}": v for i, v in enumerate(votes)}}
+
+    records = [row([1, 1, 2]), row([2, 0, 2], "5", "4"), row([1, 2, 0]), row([0, 0, 0]), row([2, 1, 1], "4", "5")]
+    for suffix in (".jsonl", ".csv"):  # CSV cells are text: "1", "2", "0"
+        path = write(tmp_path / f"judged{suffix}", records)
+        raw = read(path)
+        assert set(raw["format"]) == {"pairwise"}
+        result = clean_preferences(raw)
+        assert [(r["prompt"], r["chosen"], r["rejected"]) for r in result.kept.iter_rows(named=True)] == [SINGLE]
+        rejects = dict(zip(result.rejects["source_row"], result.rejects["reason"]))
+        # rows 2 and 5 pick the same answer as row 1 (from either column), so they are its copies
+        assert rejects == {2: "duplicate_pair", 3: "annotator_tie", 4: "annotator_tie", 5: "duplicate_pair"}
+        detail = result.rejects.filter(pl.col("source_row") == 3)["detail"][0]
+        assert f"{path.name}:3" in detail and "1 vote(s) for 'response1', 1 for 'response2'" in detail
+
+
+def test_column_mapping_gathers_columns_into_one_list_of_labels(tmp_path):
+    records = [{"instruction": QUESTION, "response_a": "4", "response_b": "5", "judge_x": "a", "judge_y": "b",
+                "judge_z": "a"},
+               {"instruction": QUESTION + " ", "response_a": "4", "response_b": "5", "judge_x": "a", "judge_y": "b"}]
+    mapping = {"judge_x": "labels[]", "judge_y": "labels[]", "judge_z": "labels[]"}
+    path = write(tmp_path / "judges.jsonl", records)
+    with pytest.raises(PreferenceFormatError):
+        read(path)  # no label column without the mapping
+    raw = read(path, column_mapping=mapping)
+    assert raw["format"].to_list() == ["pairwise"] * 2
+    result = clean_preferences(raw)
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in result.kept.iter_rows(named=True)] == [SINGLE]
+    assert result.rejects["reason"].to_list() == ["annotator_tie"]  # judge_z is absent from row 2: one vote each
+
+
+def test_a_line_over_max_record_bytes_is_a_reject_and_is_never_held_whole(tmp_path):
+    """One endless line (no newline, compressed to almost nothing) costs at most the limit, not the line."""
+    import tracemalloc
+
+    from orpo_pipeline.data.readers import iter_records
+
+    path = tmp_path / "endless.jsonl.gz"
+    good = json.dumps({"prompt": "q", "chosen": "4", "rejected": "5"})
+    with gzip.open(path, "wt") as f:
+        f.write(good + "\n" + '{"prompt": "' + "a" * (8 * 2**20) + '"}\n' + good.replace("q", "q2") + "\n")
+        f.write('{"prompt": "' + "b" * (8 * 2**20))  # the last line never ends
+    assert path.stat().st_size < 100_000
+    tracemalloc.start()
+    raw = records_to_table(iter_records(path, max_record_bytes=2**16), path.name)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * 2**20
+    assert raw["error"].to_list()[1::2] == [f"{path.name}:2: record longer than max_record_bytes (65,536 bytes)",
+                                             f"{path.name}:4: record longer than max_record_bytes (65,536 bytes)"]
+    assert raw["error"].to_list()[0::2] == [None, None]
+
+
+def test_csv_and_json_arrays_keep_their_bad_rows_and_stop_at_an_over_long_record(tmp_path):
+    from orpo_pipeline.data.readers import iter_records
+
+    bad_bytes = tmp_path / "bytes.csv"
+    bad_bytes.write_bytes(b"prompt,chosen,rejected\nq,4,5\nq2,\xff4,5\nq3,4,5\n")
+    raw = read(bad_bytes)
+    assert raw["error"].to_list() == [None, "bytes.csv:2: field 'chosen': not UTF-8: byte 0xff at character 1", None]
+    long_row = tmp_path / "long.csv"
+    long_row.write_text("prompt,chosen,rejected\nq,4,5\nq2," + "4" * 5000 + ",5\n")
+    with pytest.raises(PreferenceFormatError, match=r"long.csv:3: line longer than max_record_bytes \(2,048 bytes\)"):
+        records_to_table(iter_records(long_row, max_record_bytes=2048), "long.csv")
+    array = write(tmp_path / "array.json", [{"prompt": "q", "chosen": "4", "rejected": "5"},
+                                             {"prompt": "q" * 300_000, "chosen": "4", "rejected": "5"}])
+    with pytest.raises(PreferenceFormatError, match=r"array.json: array element 2 is longer than max_record_bytes"):
+        records_to_table(iter_records(array, max_record_bytes=2048), "array.json")
+    assert read(array).height == 2  # the default limit (16 MiB) reads it
+
+
+def test_pairs_over_max_pair_chars_are_rejected_before_anything_else(tmp_path):
+    path = write(tmp_path / "long.jsonl", [{"prompt": "q", "chosen": "4" * 40, "rejected": "5"},
+                                            {"prompt": "q", "chosen": "4", "rejected": "5"},
+                                            {"prompt": "q", "chosen": " " * 50, "rejected": "5"}])
+    result = clean_preferences(read(path), max_pair_chars=30)
+    assert result.kept["chosen"].to_list() == ["4"]
+    assert result.rejects["reason"].to_list() == ["pair_too_long", "pair_too_long"]  # before empty_chosen
+    assert result.rejects["detail"][0] == "long.jsonl:1: pair_too_long (more than max_pair_chars = 30 characters)"
+    assert result.rejects["chosen"][0] == "4" * 40  # as ingested
+    assert clean_preferences(read(path)).kept.height == 2  # the default cap is far above these
