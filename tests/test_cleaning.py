@@ -371,3 +371,31 @@ def test_a_failed_batch_write_stops_cleaning_with_its_error(tmp_path, monkeypatc
     with pytest.raises(OSError, match="No space left"):
         clean.clean_parquet_file(tmp_path / "raw.parquet", tmp_path / "out", batch_rows=50)
 
+
+
+def test_a_background_appender_writes_the_same_file_and_raises_a_failed_write(tmp_path, monkeypatch):
+    """raw_preferences writes each batch on a second thread while the next is parsed."""
+    from orpo_pipeline import storage
+
+    tables = [pl.DataFrame({"a": list(range(i, i + 100)), "b": [f"x{i}"] * 100}) for i in range(0, 500, 100)]
+    for background in (False, True):
+        with storage.ParquetAppender(tmp_path / f"{background}.parquet", background=background) as out:
+            for t in tables:
+                out.write(t)
+    assert pl.read_parquet(tmp_path / "True.parquet").equals(pl.concat(tables))
+    assert pl.read_parquet(tmp_path / "False.parquet").equals(pl.concat(tables))
+
+    real, calls = storage.ParquetAppender._write, []
+
+    def failing(self, df):
+        calls.append(df.height)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        real(self, df)
+
+    monkeypatch.setattr(storage.ParquetAppender, "_write", failing)
+    with pytest.raises(OSError, match="No space left"), \
+            storage.ParquetAppender(tmp_path / "full.parquet", background=True) as out:
+        for t in tables:
+            out.write(t)
+    assert len(calls) == 2  # the write after the failed one raised its error and wrote nothing more

@@ -500,3 +500,46 @@ def test_pairs_over_max_pair_chars_are_rejected_before_anything_else(tmp_path):
     assert result.rejects["detail"][0] == "long.jsonl:1: pair_too_long (more than max_pair_chars = 30 characters)"
     assert result.rejects["chosen"][0] == "4" * 40  # as ingested
     assert clean_preferences(read(path)).kept.height == 2  # the default cap is far above these
+
+
+def test_a_truncated_gzip_file_fails_naming_the_file_after_its_readable_rows(tmp_path):
+    from orpo_pipeline.data.ingest import iter_file_tables
+
+    packed = gzip.compress(b"".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}).encode() + b"\n"
+                                    for i in range(20_000)))
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(packed[: len(packed) // 2])
+    got = []
+    with pytest.raises(PreferenceFormatError, match=r"cut\.jsonl\.gz: unreadable after line \d+"):
+        for table in iter_file_tables(path, path.name, batch_rows=1_000):
+            got.append(table)
+    assert sum(t.height for t in got) > 0
+
+
+def test_json_arrays_stream_the_records_json_loads_reads(tmp_path):
+    """ijson, an element at a time: the records of json.loads, huge integers included (its C parser stops at
+    64 bits; the Python one goes on from there); after a BOM too; other documents as before."""
+    from orpo_pipeline.data.readers import iter_records
+
+    rec = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    records = [rec, {**rec, "score_chosen": 2.5, "score_rejected": -1, "n": 10**30, "nested": [{"x": None}]}, 7]
+    cases = {
+        "bom.json": b"\xef\xbb\xbf" + json.dumps(records, indent=2).encode(),
+        "wrapped.json": json.dumps({"data": [rec]}).encode(),
+        "lines.json": (json.dumps(rec) + "\n" + json.dumps(rec) + "\n").encode(),
+    }
+    for name, body in cases.items():
+        (tmp_path / name).write_bytes(body)
+    got = [r for _, r in iter_records(tmp_path / "bom.json")]
+    assert got[:2] == records[:2] and str(got[2]) == "expected a JSON object, got int"
+    assert [r for _, r in iter_records(tmp_path / "wrapped.json")] == [rec]
+    assert [r for _, r in iter_records(tmp_path / "lines.json")] == [rec, rec]
+    (tmp_path / "scalar.json").write_text("3")
+    with pytest.raises(PreferenceFormatError, match="scalar.json: expected a JSON array of records, got int"):
+        list(iter_records(tmp_path / "scalar.json"))
+    (tmp_path / "bytes.json").write_bytes(b'[{"prompt": "q", "chosen": "a", "rejected": "b"},\n {"prompt": "\xff"}]')
+    with pytest.raises(PreferenceFormatError, match=r"bytes.json: malformed JSON after array element 1: .*UTF8"):
+        list(iter_records(tmp_path / "bytes.json"))
+    (tmp_path / "cut.json").write_text(json.dumps([rec, rec])[:-20])
+    with pytest.raises(PreferenceFormatError, match=r"cut.json: malformed JSON after array element 1"):
+        list(iter_records(tmp_path / "cut.json"))

@@ -34,10 +34,9 @@ a reject naming the field (RowError), never an exception.
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 SCORE_KEYS = (
     ("score_chosen", "score_rejected"),
@@ -353,52 +352,6 @@ FORMATS: dict[str, tuple[Callable[[set, dict], bool], Callable[[dict], Pair]]] =
 def _match(record: dict) -> str | None:
     keys = set(record)
     return next((name for name, (matches, _) in FORMATS.items() if matches(keys, record)), None)
-
-
-def _no_format(record: dict, where: str) -> PreferenceFormatError:
-    return PreferenceFormatError(
-        f"{where}: columns {sorted(map(str, record))} match no known preference format; "
-        f"known formats: {list(FORMATS)}. Pick a format explicitly (format), or rename columns "
-        "(column_mapping, e.g. {'question': 'prompt', 'good': 'chosen', 'bad': 'rejected'})."
-    )
-
-
-def parser_for(fmt: str) -> Callable[[dict], Pair] | None:
-    """The parser of a named format; None for auto (detected per file)."""
-    if fmt == "auto":
-        return None
-    if fmt not in FORMATS:
-        raise PreferenceFormatError(f"unknown format {fmt!r}; known formats: {['auto', *FORMATS]}")
-    return FORMATS[fmt][1]
-
-
-def detect(records: Iterator[tuple[int, dict | RowError]], where: str) -> tuple[str | None, Iterator]:
-    """The format of the first record that has one, and all records again (those read to find it first)."""
-    seen = []
-    for item in records:
-        seen.append(item)
-        if isinstance(item[1], dict) and (name := _match(item[1])):
-            return name, itertools.chain(seen, records)
-    first = next((rec for _, rec in seen if isinstance(rec, dict)), None)
-    if first is not None:
-        raise _no_format(first, where)
-    return None, iter(seen)  # nothing but unreadable records: each is already a reject
-
-
-def apply_mapping(rec: dict | RowError, column_mapping: dict[str, str] | None) -> dict | RowError:
-    """Columns renamed ({source: target}); sources mapped to `name[]` are gathered into the list `name`, in the
-    mapping's order (absent sources left out): {"a1": "labels[]", "a2": "labels[]"} -> labels = [a1, a2]."""
-    if not column_mapping or not isinstance(rec, dict):
-        return rec
-    out = {k: v for k, v in rec.items() if k not in column_mapping}
-    for src, dst in column_mapping.items():
-        if dst.endswith("[]"):
-            out.setdefault(dst[:-2], [])
-            if src in rec:
-                out[dst[:-2]].append(rec[src])
-        elif src in rec:
-            out[dst] = rec[src]
-    return out
 
 
 def _with_system(obj: dict, pair: Pair) -> Pair:

@@ -7,12 +7,13 @@ Every record becomes a row: those that cannot be used carry an `error` (file, ro
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import polars as pl
 
-from .formats import FORMATS, Pair, PreferenceFormatError, RowError, apply_mapping, detect, parse, parser_for
+from .formats import FORMATS, Pair, PreferenceFormatError, RowError, _match, parse
 from .readers import MAX_RECORD_BYTES, SUFFIXES, iter_records, preference_files
 
 __all__ = ["FORMATS", "MESSAGE", "RAW_SCHEMA", "SUFFIXES", "PreferenceFormatError", "RowError", "iter_records",
@@ -33,6 +34,52 @@ RAW_SCHEMA = {
 }
 # rows parsed into one table at a time by iter_tables: memory follows this, not the file
 BATCH_ROWS = 50_000
+
+
+def _no_format(record: dict, where: str) -> PreferenceFormatError:
+    return PreferenceFormatError(
+        f"{where}: columns {sorted(map(str, record))} match no known preference format; "
+        f"known formats: {list(FORMATS)}. Pick a format explicitly (format), or rename columns "
+        "(column_mapping, e.g. {'question': 'prompt', 'good': 'chosen', 'bad': 'rejected'})."
+    )
+
+
+def parser_for(fmt: str) -> Callable[[dict], Pair] | None:
+    """The parser of a named format; None for auto (detected per file)."""
+    if fmt == "auto":
+        return None
+    if fmt not in FORMATS:
+        raise PreferenceFormatError(f"unknown format {fmt!r}; known formats: {['auto', *FORMATS]}")
+    return FORMATS[fmt][1]
+
+
+def detect(records: Iterator[tuple[int, dict | RowError]], where: str) -> tuple[str | None, Iterator]:
+    """The format of the first record that has one, and all records again (those read to find it first)."""
+    seen = []
+    for item in records:
+        seen.append(item)
+        if isinstance(item[1], dict) and (name := _match(item[1])):
+            return name, itertools.chain(seen, records)
+    first = next((rec for _, rec in seen if isinstance(rec, dict)), None)
+    if first is not None:
+        raise _no_format(first, where)
+    return None, iter(seen)  # nothing but unreadable records: each is already a reject
+
+
+def apply_mapping(rec: dict | RowError, column_mapping: dict[str, str] | None) -> dict | RowError:
+    """Columns renamed ({source: target}); sources mapped to `name[]` are gathered into the list `name`, in the
+    mapping's order (absent sources left out): {"a1": "labels[]", "a2": "labels[]"} -> labels = [a1, a2]."""
+    if not column_mapping or not isinstance(rec, dict):
+        return rec
+    out = {k: v for k, v in rec.items() if k not in column_mapping}
+    for src, dst in column_mapping.items():
+        if dst.endswith("[]"):
+            out.setdefault(dst[:-2], [])
+            if src in rec:
+                out[dst[:-2]].append(rec[src])
+        elif src in rec:
+            out[dst] = rec[src]
+    return out
 
 
 def _message_lists(prompts: list[list[dict[str, str]] | None]) -> pl.Series:
