@@ -193,6 +193,10 @@ def assert_same_tables(fast, ref):
     assert fast.rejects.equals(ref.rejects)
 
 
+def _suspects() -> set[int]:
+    return {cp for a, b in clean.nfc_suspect_ranges() for cp in range(a, b + 1)}
+
+
 ASTRAL_SAMPLE = sorted(
     set(range(0x10000, 0x110000, 97))
     | set(range(0x1D15E, 0x1D165)) | set(range(0x1D1BB, 0x1D1C1))  # musical symbols: composition exclusions
@@ -201,6 +205,49 @@ ASTRAL_SAMPLE = sorted(
     | {0x1F600, 0x1F44D, 0x1F3FB, 0x1E4EC, 0x113C2, 0x113C5, 0x16D67, 0x16D68}  # emoji, newer-Unicode marks
 )
 CODE_POINTS = [cp for cp in range(0x10000) if not 0xD800 <= cp <= 0xDFFF] + ASTRAL_SAMPLE
+
+
+def test_a_code_point_outside_the_nfc_suspect_class_is_nfc_and_never_composes():
+    """Over every BMP code point and a sample of astral ones: what the class leaves out is NFC on its own,
+    has combining class 0, and is never the second half of a canonical composition. By the NFC quick check
+    (UAX #15), a string of such code points is NFC, so any string NFC changes holds a suspect."""
+    suspects = _suspects()
+    outside = [cp for cp in CODE_POINTS if cp not in suspects]
+    for cp in outside:
+        ch = chr(cp)
+        assert unicodedata.combining(ch) == 0, hex(cp)
+        assert unicodedata.is_normalized("NFC", ch), hex(cp)
+    # every canonical pair, over all of Unicode: its second half may compose with what precedes it
+    for cp in range(0x110000):
+        d = unicodedata.decomposition(chr(cp)) if not 0xD800 <= cp <= 0xDFFF else ""
+        if d and not d.startswith("<") and len(d.split()) == 2:
+            assert int(d.split()[1], 16) in suspects, hex(cp)
+    assert all(cp in suspects for cp in [*range(0x1161, 0x1176), *range(0x11A8, 0x11C3)])  # Hangul V, T jamo
+    # polars (a newer Unicode than Python's) agrees on every code point left out, alone and after each
+    # character that can start a composition (first halves of canonical pairs, Hangul L jamo and LV syllables)
+    starters = {int(d.split()[0], 16) for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF
+                for d in [unicodedata.decomposition(chr(cp))] if d and not d.startswith("<") and len(d.split()) == 2}
+    starters = (starters | set(range(0x1100, 0x1113)) | set(range(0xAC00, 0xD7A4, 28))) - suspects
+    body = "".join(map(chr, outside))
+    texts = [body, body[::-1]] + ["".join(chr(a) + c for c in body[i::7]) for i, a in enumerate(sorted(starters))]
+    assert all(unicodedata.is_normalized("NFC", t) for t in texts)
+    series = pl.Series(texts)
+    assert series.str.normalize("NFC").equals(series)
+
+
+def test_strings_nfc_changes_contain_a_suspect():
+    """Random strings mixing suspects with plain text: NFC changes a string only if it holds a suspect."""
+    suspects = _suspects()
+    rng = random.Random(0)
+    pool = [cp for cp in CODE_POINTS if unicodedata.category(chr(cp)) != "Cn"]
+    marks = [cp for cp in pool if cp in suspects]
+    texts = ["".join(chr(rng.choice(marks if rng.random() < 0.2 else pool)) for _ in range(rng.randint(1, 8)))
+             for _ in range(20_000)]
+    found = pl.Series(texts).str.contains(clean.nfc_suspect_class()).to_list()
+    for text, has_suspect in zip(texts, found):
+        assert has_suspect == any(ord(c) in suspects for c in text)  # the regex class is the set
+        if not unicodedata.is_normalized("NFC", text):
+            assert has_suspect, ascii(text)
 
 
 def test_normalize_series_equals_the_rules_on_every_code_point():
