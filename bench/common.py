@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_TAG = "BENCH_RESULT "
-LIBRARIES = ("polars", "polars-hash", "numba", "xxhash", "datasets", "transformers", "tokenizers", "trl", "torch", "pyarrow")
+LIBRARIES = ("polars", "polars-hash", "orjson", "ijson", "xxhash", "datasets", "transformers", "tokenizers", "trl", "torch", "pyarrow")
 
 # Quiet, offline, reproducible: set before any library import in the workers (they inherit the environment).
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")

@@ -10,15 +10,11 @@ CSV file (malformed rows: a null or empty prompt). Writing it is not timed. Each
 process and reads the whole file a batch at a time (`batch_rows`, default 50,000), as `raw_preferences` does,
 without writing anything:
 
-- "bulk" (ours): `ingest.iter_file_tables`, which parses runs of TRL-standard lines with Arrow (`bulk_ingest`);
-- "lines" (the baseline, what ingest did before, and still does for other formats):
-  `ingest.iter_tables(ingest.iter_records(path))`, `json.loads` and Python checks on each line.
-
-For a JSON array or a CSV file the methods are:
-
-- "stream" (ours): `ingest.iter_file_tables`, which reads the file an element or a row at a time (`text_files`);
-- "whole" (the baseline, what ingest did before): `json.loads` of the whole text, or `list(csv.DictReader(...))`,
-  then the same records into `ingest.iter_tables`.
+- "reader" (ours): `ingest.iter_file_tables`, the one reader of each file type (`orpo_pipeline/data/readers.py`:
+  orjson a line at a time, ijson an array element at a time, the csv module a row at a time, parquet batches);
+- "whole" (the baseline, the plain way): the whole file parsed first with the standard library (`json.loads` of
+  each line or of the whole array, `list(csv.DictReader(...))`, `pl.read_parquet(...).iter_rows`), then the same
+  records into `ingest.iter_tables`.
 
 Both must give the same rows: each batch's rows are hashed and the sums compared. Figures: wall and CPU seconds,
 pairs/s, peak RSS, the ratios ours / baseline.
@@ -72,42 +68,48 @@ def write_input(path: Path, pairs: int, max_field_chars: int, seed: int, file_fo
 
 
 def read_whole(path: Path):
-    """A JSON array or CSV file's records as ingest read them before text_files: the whole file parsed first."""
+    """A file's records parsed whole with the standard library first."""
     import csv
     import io
     import json
 
-    text = path.read_bytes().decode("utf-8-sig")  # as ingest did: read_text would turn \r\n in cells into \n
+    import polars as pl
+
+    if path.suffix == ".parquet":
+        return enumerate(list(pl.read_parquet(path).iter_rows(named=True)), start=1)
+    text = path.read_bytes().decode("utf-8-sig")  # read_text would turn \r\n in cells into \n
     if path.suffix == ".json":
         return enumerate(json.loads(text), start=1)
+    if path.suffix == ".jsonl":
+        records = []
+        for i, line in enumerate(text.splitlines(), start=1):
+            try:
+                records.append((i, json.loads(line)))
+            except ValueError as e:
+                records.append((i, ingest.RowError(f"malformed JSON: {e}")))
+        return iter(records)
     csv.field_size_limit(2**31 - 1)
     return enumerate(list(csv.DictReader(io.StringIO(text, newline=""))), start=1)
 
 
-# ours, and the baseline, per file format
-METHODS = {"jsonl": ("bulk", "lines"), "parquet": ("bulk", "lines"), "json": ("stream", "whole"),
-           "csv": ("stream", "whole")}
+from orpo_pipeline.data import ingest  # noqa: E402
 
 
 def worker(args) -> None:
     import polars as pl
 
-    from orpo_pipeline import ingest
-
     path = Path(args.input_path)
     with measure() as m:
-        if args.worker in ("bulk", "stream"):
+        if args.worker == "reader":
             tables = ingest.iter_file_tables(path, path.name, batch_rows=args.batch_rows)
-        elif args.worker == "whole":
-            tables = ingest.iter_tables(read_whole(path), path.name, batch_rows=args.batch_rows)
         else:
-            tables = ingest.iter_tables(ingest.iter_records(path), path.name, batch_rows=args.batch_rows)
+            tables = ingest.iter_tables(read_whole(path), path.name, batch_rows=args.batch_rows)
         rows = errors = 0
         digest = 0
         for t in tables:
             rows += t.height
             errors += int(t["error"].is_not_null().sum())
-            digest = (digest + int(t.hash_rows(seed=0).sum())) % 2**64
+            digest = (digest + int(t.drop("error").hash_rows(seed=0).sum())) % 2**64
     emit({"method": args.worker, "rows": rows, "errors": errors, "digest": digest,
           "seconds": round(m["seconds"], 2), "cpu_seconds": round(m["cpu_seconds"], 2),
           "pairs_per_s": round(rows / m["seconds"]), "peak_rss_mb": round(m["peak_rss_mb"]),

@@ -126,7 +126,9 @@ def _json_array(path: Path, start: int, limit: int) -> Records:
     import ijson
 
     n = 0
-    for backend in ("yajl2_c", "python"):  # the C parser stops at integers over 64 bits; Python's reads them
+    # the C parser stops at integers over 64 bits and at lone surrogate escapes; Python's reads them (each a
+    # row to judge), from the element where the C parser stopped
+    for backend in ("yajl2_c", "python"):
         with open(path, "rb") as raw:
             raw.seek(start)
             f = _Bounded(raw, limit)
@@ -140,8 +142,8 @@ def _json_array(path: Path, start: int, limit: int) -> Records:
             except _TooLong:
                 raise PreferenceFormatError(f"{path}: array element {n + 1} is longer than max_record_bytes "
                                             f"({limit:,} bytes)") from None
-            except ijson.JSONError as e:
-                if backend == "yajl2_c" and "integer overflow" in str(e):
+            except (ijson.JSONError, UnicodeDecodeError) as e:
+                if backend == "yajl2_c" and ("integer overflow" in str(e) or isinstance(e, UnicodeDecodeError)):
                     continue
                 detail = " ".join(str(e).split())[:200]
                 raise PreferenceFormatError(f"{path}: malformed JSON after array element {n}: {detail}") from None
