@@ -540,9 +540,12 @@ def test_json_arrays_stream_the_records_json_loads_reads(tmp_path):
     (tmp_path / "bytes.json").write_bytes(b'[{"prompt": "q", "chosen": "a", "rejected": "b"},\n {"prompt": "\xff"}]')
     with pytest.raises(PreferenceFormatError, match=r"bytes.json: malformed JSON after array element 1: .*UTF8"):
         list(iter_records(tmp_path / "bytes.json"))
-    (tmp_path / "surrogate.json").write_text('[{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}, {"n": 1}]')
-    errors = read(tmp_path / "surrogate.json")["error"].to_list()
-    assert "lone surrogate" in errors[0] and errors[1].startswith("surrogate.json:2: ")
+    # a lone surrogate escape: in a key, ijson's C parser stops and its Python parser reads the key (a row that
+    # matches no format, then); in a value, the C parser writes "?" (JSON Lines reject such a row instead)
+    (tmp_path / "surrogate.json").write_text('[{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}, '
+                                             '{"\\udc00": 1, "prompt": "q", "chosen": "a", "rejected": "b"}]')
+    raw = read(tmp_path / "surrogate.json")
+    assert raw["error"].to_list() == [None, None] and raw["prompt"][0].to_list() == [{"role": "user", "content": "?"}]
     (tmp_path / "cut.json").write_text(json.dumps([rec, rec])[:-20])
     with pytest.raises(PreferenceFormatError, match=r"cut.json: malformed JSON after array element 1"):
         list(iter_records(tmp_path / "cut.json"))
