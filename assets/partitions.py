@@ -36,11 +36,6 @@ def register_files(instance: dg.DagsterInstance, paths, sources_path, allow_syml
     return sources, new
 
 
-def file_names(sources_path, keys: list[str]) -> dict[str, str]:
-    """Partition key -> the file name it was registered under."""
-    return {k: drops.load_source(sources_path, k).name for k in keys}
-
-
 def range_tags(keys: list[str]) -> dict[str, str]:
     """Tags that make one run cover a contiguous range of partitions (single-run backfill policy)."""
     return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
