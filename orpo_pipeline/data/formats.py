@@ -103,12 +103,7 @@ def _check_text(value: Any, field: str) -> str:
         raise RowError(f"missing field '{field}'")
     if not isinstance(value, str):
         raise RowError(f"field '{field}': expected text, got {_type(value)}")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # JSON "\ud800" escapes decode to lone surrogates that polars cannot store
-            raise RowError(f"field '{field}': not valid Unicode (lone surrogate)") from None
-    return value
+    return value  # lone surrogates, which polars cannot store, are found when the table is built
 
 
 def _text(obj: dict, field: str) -> str:

@@ -106,7 +106,36 @@ def _message_lists(prompts: list[list[dict[str, str]] | None]) -> pl.Series:
 NO_PAIR = Pair(None, None, None, None, None)
 
 
+def _without_surrogates(rows: list[tuple]) -> list[tuple]:
+    """Rows whose text holds a lone surrogate (a JSON "\\ud800" escape read by Python) made rejects naming the
+    field; looked for only when polars refuses a batch (orjson never returns one)."""
+    def bad(pair: Pair) -> str | None:
+        texts = [("prompt", m["content"]) for m in pair.prompt or ()] + [("chosen", pair.chosen),
+                                                                         ("rejected", pair.rejected)]
+        texts += [("prompt", m["role"]) for m in pair.prompt or ()]
+        for field, text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return field
+        return None
+
+    out = []
+    for n, pair, error in rows:
+        field = None if pair is NO_PAIR else bad(pair)
+        out.append((n, pair, error) if field is None else
+                   (n, NO_PAIR, RowError(f"field '{field}': not valid Unicode (lone surrogate)")))
+    return out
+
+
 def _table(rows: list[tuple], source: str, fmt: str | None) -> pl.DataFrame:
+    try:
+        return _columns(rows, source, fmt)
+    except UnicodeEncodeError:
+        return _columns(_without_surrogates(rows), source, fmt)
+
+
+def _columns(rows: list[tuple], source: str, fmt: str | None) -> pl.DataFrame:
     columns = {
         "source_file": pl.repeat(source, len(rows), dtype=pl.String, eager=True),
         "source_row": [r[0] for r in rows], "prompt": [None] * len(rows),
