@@ -105,7 +105,7 @@ def cleaned_preferences(
     summary = []
     index = _read_hash_index(storage)
     _refuse_other_hashes(index, context.partition_keys)
-    margins_seen: list[float | None] = []
+    margins_seen: list[float] = []
     for key in sorted(context.partition_keys, key=order.index):
         raw_path = storage.partition_dir("raw_preferences", key) / "raw.parquet"
         earlier = set(order[: order.index(key)])
@@ -130,7 +130,7 @@ def cleaned_preferences(
         for detail in unreadable["detail"]:
             context.log.warning(f"rejected {detail}")
         margins_seen += pl.scan_parquet(raw_path).select(pl.col("score_chosen") - pl.col("score_rejected")) \
-            .collect().to_series().to_list()
+            .drop_nulls().collect().to_series().to_list()
         index = pl.concat([index.filter(pl.col("partition") != key),
                            totals["kept_index"].select(pl.lit(key).alias("partition"), "content_hash", "source_file",
                                                        "source_row")], how="diagonal_relaxed")
@@ -147,7 +147,7 @@ def cleaned_preferences(
     _write_hash_index(storage, index)
     table = pl.DataFrame(summary)
     reasons = {r: int(table[r].sum()) for r in clean.REASONS}
-    margins = [m for m in margins_seen if m is not None]
+    margins = margins_seen
     report_dir = storage.artifact_dir("data_quality", context.run.run_id)
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json(report_dir / "cleaning_report.json", {"per_file": summary, "rejected_by_reason": reasons})
