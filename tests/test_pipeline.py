@@ -75,7 +75,11 @@ def test_artifacts_exist_and_load(pipeline_run, tmp_path):
         folder = storage.partition_dir("cleaned_preferences", key)
         kept += pl.read_parquet(folder / "train.parquet").height + pl.read_parquet(folder / "eval.parquet").height
         rejected += pl.read_parquet(folder / "rejects.parquet").height
-    assert kept + rejected == mats["raw_preferences"]["rows"].value
+    # each partition's materialization counts its own file's rows
+    raw_rows = [m.metadata["rows"].value for m in (e.event_specific_data.materialization
+                                                    for e in result.get_asset_materialization_events())
+                if m.asset_key.to_user_string() == "raw_preferences"]
+    assert len(raw_rows) == len(keys) and kept + rejected == sum(raw_rows)
     reasons = {r for k in keys for r in pl.read_parquet(storage.partition_dir("cleaned_preferences", k) / "rejects.parquet")["reason"]}
     assert reasons >= {"unparseable", "duplicate_pair", "chosen_equals_rejected"}
     dups = pl.concat([pl.read_parquet(storage.partition_dir("cleaned_preferences", k) / "rejects.parquet")

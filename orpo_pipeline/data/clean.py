@@ -112,7 +112,7 @@ def nfc_suspect_class() -> str:
     return "[" + "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in nfc_suspect_ranges()) + "]"
 
 
-def _rules(e: pl.Expr, nfc: bool = True) -> pl.Expr:
+def _normalized(e: pl.Expr, nfc: bool = True) -> pl.Expr:
     e = e.str.normalize("NFC") if nfc else e
     return (
         e.str.replace_all(r"\r\n?", "\n")
@@ -126,7 +126,7 @@ def _rules(e: pl.Expr, nfc: bool = True) -> pl.Expr:
 def normalize_text(e: pl.Expr) -> pl.Expr:
     """NFC, unix newlines, no zero-width or odd spaces, no trailing blanks, no 3+ newlines, stripped: the one
     definition of the rules, as an expression for any query."""
-    return _rules(e)
+    return _normalized(e)
 
 
 def _rewrite(s: pl.Series, where: pl.Series, fn: Callable[[pl.Expr], pl.Expr]) -> pl.Series:
@@ -149,7 +149,7 @@ def normalize_series(s: pl.Series) -> pl.Series:
     """`normalize_text` over a String Series: NFC only on the strings that hold an NFC suspect, the other rules
     only on those they may change (NFC is most of the cost, and most strings need neither)."""
     s = _rewrite(s, s.str.contains(nfc_suspect_class()), lambda e: e.str.normalize("NFC"))
-    return _rewrite(s, s.str.contains(_MAY_CHANGE), lambda e: _rules(e, nfc=False))
+    return _rewrite(s, s.str.contains(_MAY_CHANGE), lambda e: _normalized(e, nfc=False))
 
 
 def normalize_messages(prompt: pl.Series) -> pl.Series:
