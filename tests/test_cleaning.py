@@ -10,7 +10,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orpo_pipeline.data import clean
+from orpo_pipeline.data import clean, normalize
 from orpo_pipeline.data.clean import clean_preferences, table_digest
 from orpo_pipeline.config import SAMPLE_DATA_DIR
 from orpo_pipeline.data.ingest import RAW_SCHEMA, PreferenceFormatError, iter_records, read_preference_dir, records_to_table
@@ -194,7 +194,7 @@ def assert_same_tables(fast, ref):
 
 
 def _suspects() -> set[int]:
-    return {cp for a, b in clean.nfc_suspect_ranges() for cp in range(a, b + 1)}
+    return {cp for a, b in normalize.nfc_suspect_ranges() for cp in range(a, b + 1)}
 
 
 ASTRAL_SAMPLE = sorted(
@@ -243,7 +243,7 @@ def test_strings_nfc_changes_contain_a_suspect():
     marks = [cp for cp in pool if cp in suspects]
     texts = ["".join(chr(rng.choice(marks if rng.random() < 0.2 else pool)) for _ in range(rng.randint(1, 8)))
              for _ in range(20_000)]
-    found = pl.Series(texts).str.contains(clean.nfc_suspect_class()).to_list()
+    found = pl.Series(texts).str.contains(normalize.nfc_suspect_class()).to_list()
     for text, has_suspect in zip(texts, found):
         assert has_suspect == any(ord(c) in suspects for c in text)  # the regex class is the set
         if not unicodedata.is_normalized("NFC", text):
@@ -258,9 +258,9 @@ def test_normalize_series_equals_the_rules_on_every_code_point():
                 "x\u00a0{}z", " {}z", "z{} "]
     texts = [ctx.format(chr(cp)) for cp in CODE_POINTS for ctx in contexts]
     series = pl.Series("t", texts)
-    fast = clean.normalize_series(series)
+    fast = normalize.normalize_series(series)
     assert fast.equals(series.to_frame().select(all_rules_polars(pl.col("t"))).to_series())
-    assert fast.equals(series.to_frame().select(clean.normalize_text(pl.col("t"))).to_series())
+    assert fast.equals(series.to_frame().select(normalize.normalize_text(pl.col("t"))).to_series())
     assigned = [i for i, cp in enumerate(cp for cp in CODE_POINTS for _ in contexts)
                 if unicodedata.category(chr(cp)) != "Cn"]
     assert fast.gather(assigned).to_list() == [reference_normalize(texts[i]) for i in assigned]
