@@ -25,12 +25,11 @@ def raw_preferences(
     context: dg.AssetExecutionContext, config: DataConfig, storage: StorageResource, mlflow_tracking: MlflowResource
 ) -> dg.MaterializeResult:
     """Every record of one preference file, parsed; records that cannot be read keep their error (file, row, field)."""
-    rows = []
     for key in context.partition_keys:
         src = drops.load_source(storage.sources_path, key)
         tables = ingest.iter_file_tables(src.path, src.name, config.format, config.column_mapping,
                                          batch_rows=config.batch_rows, max_record_bytes=config.max_record_bytes)
-        row = {"partition": key, "file": src.name, "format": None, "rows": 0, "unparseable": 0}
+        row = {"format": None, "rows": 0, "unparseable": 0}
         try:  # a batch at a time: a file of millions of pairs is never held whole
             with atomic_dir(storage.partition_dir("raw_preferences", key)) as tmp, \
                     ParquetAppender(tmp / "raw.parquet", background=True) as out:
@@ -43,15 +42,12 @@ def raw_preferences(
                         context.log.info(f"{key} ({src.name}): {row['rows']:,} rows read")
         except ingest.PreferenceFormatError as e:
             raise dg.Failure(f"partition {key} ({src.name}): {e}") from e
-        row["format"] = str(row["format"] or "?")
         # this file's own figures on its own partition's materialization
-        metadata = {"file_name": src.name, "format": row["format"], "rows": row["rows"],
-                    "unparseable": row["unparseable"]}
+        metadata = {"file_name": src.name, **row, "format": str(row["format"] or "?")}
         if row["rows"] == 0:
             metadata["warning"] = f"{src.name} holds no records (an empty array, only blank lines or a bare header)"
             context.log.warning(f"{key}: {metadata['warning']}")
         context.add_asset_metadata(metadata, partition_key=key)
-        rows.append(row)
     run_id = mlflow_tracking.run_id_for(context.run.run_id, context.asset_key.to_user_string())
     return dg.MaterializeResult(metadata={"mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id))})
 
