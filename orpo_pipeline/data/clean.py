@@ -75,13 +75,23 @@ def _hex(e: pl.Expr) -> pl.Expr:
     return e.nchash.xxh3_128(return_binary=True, byte_order="big").bin.encode("hex")
 
 
+def _key64(e: pl.Expr) -> pl.Expr:
+    """The first 64 bits of a hex hash, as a number: the index is probed with these (a number hashes far cheaper
+    than 32 hex digits, and the index is probed once per batch), then the full hashes of the few found are joined."""
+    return e.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False).alias("_key")
+
+
 def _known_index(known_hashes: pl.Series | pl.DataFrame | None) -> pl.DataFrame:
-    """(content_hash, source_file, source_row) of pairs accepted elsewhere; sources null where not given."""
+    """(content_hash, source_file, source_row, _key) of pairs accepted elsewhere, one row per hash; sources null
+    where not given. An index this built (it has `_key`) is taken as it is."""
     if known_hashes is None:
-        return pl.DataFrame(schema=INDEX_SCHEMA)
+        known_hashes = pl.DataFrame(schema=INDEX_SCHEMA)
+    if isinstance(known_hashes, pl.DataFrame) and "_key" in known_hashes.columns:
+        return known_hashes
     known = known_hashes.to_frame("content_hash") if isinstance(known_hashes, pl.Series) else known_hashes
     known = known.select(pl.col(c) if c in known.columns else pl.lit(None, t).alias(c) for c, t in INDEX_SCHEMA.items())
-    return known.cast(INDEX_SCHEMA).unique("content_hash", keep="first", maintain_order=True)
+    known = known.cast(INDEX_SCHEMA).unique("content_hash", keep="first", maintain_order=True)
+    return known.with_columns(_key64(pl.col("content_hash")))
 
 
 def _reasons(min_score_margin: float | None, max_pair_chars: int | None) -> pl.Expr:
@@ -143,8 +153,9 @@ def clean_preferences(
     # the first valid occurrence of a pair wins, and its copies name it; a null hash matches nothing
     df = df.with_columns(_h=pl.when(pl.col("reason").is_null()).then(pl.col("content_hash")))
     if known.height:  # the index is probed with this table's hashes, not joined whole
-        known = known.join(df.select(pl.col("_h").alias("content_hash")).drop_nulls(), on="content_hash", how="semi")
-    df = df.join(known.rename({"content_hash": "_h", "source_file": "_known_file", "source_row": "_known_row"})
+        known = known.join(df.select(_key64(pl.col("_h"))).drop_nulls(), on="_key", how="semi")
+    df = df.join(known.drop("_key").rename({"content_hash": "_h", "source_file": "_known_file",
+                                            "source_row": "_known_row"})
                  .with_columns(_known=pl.lit(True)), on="_h", how="left", maintain_order="left")
     duplicate = pl.col("_h").is_not_null() & (pl.col("_known").fill_null(False) | ~pl.col("_h").is_first_distinct())
     df = df.with_columns(
@@ -256,7 +267,7 @@ def clean_in_batches(
         result = clean_preferences(batch, eval_fraction, known, min_score_margin, max_pair_chars)
         write(i, result)
         kept_index = result.kept.select(list(INDEX_SCHEMA))
-        known = pl.concat([known, kept_index.filter(pl.col("content_hash").is_not_null())])
+        known = pl.concat([known, _known_index(kept_index.filter(pl.col("content_hash").is_not_null()))])
         new_index.append(kept_index)
         keys.append(result.kept.select("split", "content_hash"))
         accounting.append(rows_accounting(batch, result))
