@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-import polars_hash as plh
+import polars_hash  # noqa: F401 (registers the .nchash namespace used by _hex)
 
 from .normalize import normalize_messages, normalize_series, normalize_text  # noqa: F401 (normalize_text: the API)
 
