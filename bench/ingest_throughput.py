@@ -94,6 +94,9 @@ def read_whole(path: Path):
 
 from orpo_pipeline.data import ingest  # noqa: E402
 
+# ours, and the baseline, per file format
+METHODS = {fmt: ("reader", "whole") for fmt in ("jsonl", "parquet", "json", "csv")}
+
 
 def worker(args) -> None:
     import polars as pl
