@@ -208,7 +208,7 @@ def _csv_row(row: dict, width: int) -> dict | RowError:
         return RowError(f"{width + len(row[None])} cells, the header has {width}")
     for field, cell in row.items():
         try:
-            cell is None or cell.encode("utf-8")
+            cell is None or cell.isascii() or cell.encode("utf-8")
         except UnicodeEncodeError as e:
             return RowError(f"field '{field}': not UTF-8: byte 0x{ord(cell[e.start]) - 0xDC00:02x} "
                             f"at character {e.start + 1}")
