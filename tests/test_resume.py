@@ -115,3 +115,72 @@ def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-4"
     assert [p.name for p in discard_incomplete(tmp_path)] == ["checkpoint-6"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_dagster_step_killed_mid_training_is_reexecuted_from_failure_and_resumes(data_dir, tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    import dagster as dg
+    from mlflow import MlflowClient
+
+    from assets.model import orpo_adapter
+
+    from .dagster_resume_job import get_job
+
+    assert orpo_adapter.op.retry_policy.max_retries == 2  # a crash in production is retried, and resumes
+    home, state = tmp_path / "dagster_home", tmp_path / "state"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {"DAGSTER_HOME": str(home), "RESUME_TEST_STATE": str(state), "RESUME_TEST_MODEL": str(tiny_model_dir),
+           "RESUME_TEST_TOKENIZED": str(data_dir.parent), "PYTHONPATH": str(ROOT)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    train = {"max_steps": 40, "save_steps": 2, "save_minutes": 0, "logging_steps": 1,
+             "per_device_train_batch_size": 2, "precision": "fp32"}
+    # retries off for the first run only, so the kill fails it and the re-execution is what resumes
+    first_config = {"ops": {"orpo_adapter": {"config": train}}, "execution": {"config": {"retries": {"disabled": {}}}}}
+    (tmp_path / "run_config.json").write_text(json.dumps(first_config))
+    runner = subprocess.Popen([sys.executable, "-m", "tests.dagster_resume_job", str(tmp_path / "run_config.json")],
+                              cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    deadline = time.monotonic() + 300
+    try:
+        checkpoints = state / "checkpoints"
+        while not list(checkpoints.glob("*/checkpoint-*/" + COMPLETE)):
+            assert runner.poll() is None, f"the run ended before a checkpoint: {runner.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        with dg.DagsterInstance.get() as instance:
+            (run,) = instance.get_runs()
+            # 'Executing step "orpo_adapter" in subprocess.' carries the step process's pid
+            started = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_WORKER_STARTED).records
+            pids = [r.event_log_entry.dagster_event.event_specific_data.metadata["pid"].value for r in started
+                    if r.event_log_entry.dagster_event.step_key == "orpo_adapter"]
+        os.kill(int(pids[-1]), signal.SIGKILL)  # the step's own process; the run process records the crash
+        out, err = runner.communicate(timeout=120)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert json.loads(out.strip().splitlines()[-1])["success"] is False, err[-3000:]
+    (key_dir,) = checkpoints.iterdir()
+    assert last_complete_checkpoint(key_dir) is not None
+
+    with dg.DagsterInstance.get() as instance:
+        result = dg.execute_job(dg.reconstructable(get_job), instance=instance,
+                                run_config={"ops": {"orpo_adapter": {"config": train}}},
+                                reexecution_options=dg.ReexecutionOptions.from_failure(run.run_id, instance))
+        assert result.success
+        (mat,) = [e.step_materialization_data.materialization for e in result.get_step_materialization_events()
+                  if e.step_key == "orpo_adapter"]
+    meta = {k: v.value for k, v in mat.metadata.items()}
+    assert 0 < meta["resumed_from_step"] < 40 and meta["steps"] == 40
+    assert not key_dir.exists()  # deleted with the adapter saved
+    client = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    new_run = client.get_run(result.output_for_node("orpo_adapter")["mlflow_run_id"])
+    assert new_run.data.tags["resumed_from_dagster_run"] == run.run_id
+    old_run = new_run.data.tags["resumed_from_mlflow_run"]
+    assert old_run != new_run.info.run_id
+    # the old run's curve stops where the new one's starts: metrics continue at the resumed step
+    old_steps = [m.step for m in client.get_metric_history(old_run, "loss")]
+    new_steps = [m.step for m in client.get_metric_history(new_run.info.run_id, "loss")]
+    assert min(new_steps) == meta["resumed_from_step"] + 1 and max(new_steps) == 40
+    assert old_steps and max(old_steps) >= meta["resumed_from_step"]
