@@ -48,14 +48,24 @@ def base_model(
 
 
 def _mlflow_step_logger(context: dg.AssetExecutionContext, run_id: str, client):
-    from mlflow.entities import Metric
+    """on_log for training: step metrics to MLflow through a bounded background queue, a progress line to Dagster.
+
+    Returns (on_log, sink); close the sink when training ends. A dead tracking server costs dropped metrics and
+    a warning in the run log, never a stalled training loop.
+    """
     import time
 
+    from mlflow.entities import Metric
+
+    from orpo_pipeline.train.metrics_sink import MetricsSink
+
+    sink = MetricsSink(lambda step, metrics: client.log_batch(run_id, metrics=metrics), warn=context.log.warning)
+
     def on_log(step: int, logs: dict[str, float]) -> None:
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000)  # when it was measured, not when the queue delivered it
         metrics = [Metric(k, v, now, step) for k, v in logs.items() if k in STEP_METRICS]
         if metrics:
-            client.log_batch(run_id, metrics=metrics)
+            sink.put(step, metrics)
         if "loss" in logs:
             context.log.info(
                 f"step {step} ({logs.get('progress', 0):.0%}): loss {logs['loss']:.4f}, "
@@ -63,10 +73,31 @@ def _mlflow_step_logger(context: dg.AssetExecutionContext, run_id: str, client):
                 f"reward acc {logs.get('rewards/accuracies', float('nan')):.2f}, {logs.get('tokens_per_second', 0):.0f} tok/s"
             )
 
-    return on_log
+    return on_log, sink
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "peft"}, pool="gpu")
+def _link_resumed_run(context: dg.AssetExecutionContext, checkpoint_dir: Path, run_id: str, resume: bool) -> None:
+    """Tag this MLflow run with the run whose checkpoints it resumes, and record this run as the latest one."""
+    import mlflow
+
+    from orpo_pipeline.storage import write_json
+    from orpo_pipeline.train.checkpoints import last_complete_checkpoint, resumed_step
+
+    marker = checkpoint_dir / "tracking.json"
+    previous = json.loads(marker.read_text()) if marker.is_file() else {}
+    last = last_complete_checkpoint(checkpoint_dir) if resume else None
+    if last is not None:
+        context.log.info(f"resuming the training from {last} (step {resumed_step(last)})")
+        if previous.get("mlflow_run_id") not in (None, run_id):
+            mlflow.set_tags({"resumed_from_mlflow_run": previous["mlflow_run_id"],
+                             "resumed_from_dagster_run": previous.get("dagster_run_id", ""),
+                             "resumed_from_step": str(resumed_step(last))})
+    write_json(marker, {"mlflow_run_id": run_id, "dagster_run_id": context.run.run_id})
+
+
+# a crash (an OOM kill, a lost node) retries the step, which resumes from the last checkpoint
+@dg.asset(group_name=GROUP, kinds={"pytorch", "peft"}, pool="gpu",
+          retry_policy=dg.RetryPolicy(max_retries=2, delay=5))
 def orpo_adapter(
     context: dg.AssetExecutionContext,
     config: TrainConfig,
@@ -76,12 +107,17 @@ def orpo_adapter(
     storage: StorageResource,
     mlflow_tracking: MlflowResource,
 ) -> dg.Output[dict]:
-    """LoRA adapter trained with ORPO (TRL) on the tokenized train split; metrics stream to MLflow."""
+    """LoRA adapter trained with ORPO (TRL) on the tokenized train split; metrics stream to MLflow.
+
+    Checkpoints go to <storage root>/checkpoints/<key> (key: tokenized data, base model, settings): re-executing a
+    failed run resumes the same training there, and the folder is deleted once the adapter is saved.
+    """
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
     from orpo_pipeline.config import TrainSettings
+    from orpo_pipeline.train.checkpoints import checkpoint_key
 
     settings = TrainSettings.model_validate(config.model_dump(exclude={"init_from_champion"}))
     # the data was tokenized with one chat template; train and save the adapter's tokenizer with the same one
@@ -89,18 +125,24 @@ def orpo_adapter(
         if settings.chat_template:
             raise dg.Failure("orpo_adapter's chat_template differs from the one tokenized_dataset used; set it there")
         settings = settings.model_copy(update={"chat_template": tokenized_dataset["chat_template"]})
-    adapter_init = None
+    adapter_init, init_source = None, None
     if config.init_from_champion:
         champion = mlflow_tracking.champion()
         if champion is None:
             context.log.info("init_from_champion: no champion yet, starting from the base model")
         else:
             adapter_init = Path(mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path="adapter"))
+            init_source = f"champion run {champion.run_id}"  # the download folder differs on every attempt
             context.log.info(f"starting from the adapter of champion version {champion.version}")
     device = compute.resolve_device()
     context.log.info(f"training on {compute.describe()}")
     out = storage.artifact_dir("orpo_adapter", context.run.run_id)
+    key = checkpoint_key(dataset_digest=tokenized_dataset["digest"], base_model=base_model["name"], settings=settings,
+                         max_length=tokenized_dataset["max_length"], num_processes=compute.num_processes,
+                         adapter_init=init_source)
+    checkpoint_dir = storage.root_path / "checkpoints" / key
     with mlflow_tracking.active_run(context) as run_id:
+        _link_resumed_run(context, checkpoint_dir, run_id, settings.resume)
         client = mlflow_tracking.client()
         params = settings.model_dump()
         if params["chat_template"]:  # MLflow caps a param at 6000 chars; the template itself is in the adapter
@@ -121,11 +163,15 @@ def orpo_adapter(
                         digest=tokenized_dataset["digest"]),
             context="training",
         )
-        result = compute.train(
-            context, model_dir=Path(base_model["path"]), train_dataset_dir=Path(tokenized_dataset["dir"]) / "train",
-            output_dir=out, settings=settings, max_length=tokenized_dataset["max_length"],
-            on_log=_mlflow_step_logger(context, run_id, client), adapter_init=adapter_init,
-        )
+        on_log, sink = _mlflow_step_logger(context, run_id, client)
+        try:
+            result = compute.train(
+                context, model_dir=Path(base_model["path"]), train_dataset_dir=Path(tokenized_dataset["dir"]) / "train",
+                output_dir=out, settings=settings, max_length=tokenized_dataset["max_length"],
+                on_log=on_log, adapter_init=adapter_init, checkpoint_dir=checkpoint_dir,
+            )
+        finally:
+            sink.close(timeout_s=30)
         curves = curves_png(result.history, TRAIN_CURVES, out / "training_curves.png", "ORPO training")
         mlflow.log_metrics({"train/tokens_per_second": result.tokens_per_second,
                             "train/peak_memory_mb": result.peak_memory_mb,
@@ -138,6 +184,7 @@ def orpo_adapter(
         {
             "device": result.device,
             "steps": result.global_steps,
+            "resumed_from_step": result.resumed_from_step,
             "final_loss": next((h["loss"] for h in reversed(result.history) if "loss" in h), float("nan")),
             "tokens_per_second": round(result.tokens_per_second, 1),
             "peak_memory_mb": round(result.peak_memory_mb, 1),

@@ -389,7 +389,7 @@ def import_training():
     import datasets  # noqa: F401  (before the placeholder: datasets probes for polars at import)
 
     placeholder = install_polars_placeholder()
-    from orpo_pipeline import training
+    from orpo_pipeline.train import trainer as training
 
     return training, placeholder
 

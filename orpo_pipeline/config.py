@@ -145,6 +145,21 @@ class TrainSettings(BaseModel):
     )
     logging_steps: int = Field(5, gt=0)
     seed: int = 42
+    save_minutes: float = Field(
+        10.0, ge=0.0, description="Write a checkpoint when this many minutes passed since the last one: a crash "
+        "loses at most this much training on any device. 0: no time-based checkpoints.",
+    )
+    save_steps: int = Field(
+        0, ge=0, description="Also write a checkpoint every this many optimizer steps. 0: only by save_minutes.",
+    )
+    save_total_limit: int = Field(
+        2, ge=2, description="Checkpoints kept (the newest); at least 2, so a complete one survives while the "
+        "next is written. All are deleted once the adapter is saved.",
+    )
+    resume: bool = Field(
+        True, description="Resume from the last complete checkpoint of the same training (same tokenized data, "
+        "base model and settings) when a failed run left one: re-executing a failed run continues it.",
+    )
 
 
 class EvalSettings(BaseModel):

@@ -36,7 +36,8 @@ class ComputeResource(dg.ConfigurableResource):
         return pick_device(self.device)
 
     def train(self, context: dg.AssetExecutionContext, *, model_dir: Path, train_dataset_dir: Path, output_dir: Path,
-              settings, max_length: int, on_log=None, adapter_init: Path | None = None):
+              settings, max_length: int, on_log=None, adapter_init: Path | None = None,
+              checkpoint_dir: Path | None = None):
         """Train an ORPO LoRA adapter on this runtime and return the core's TrainResult.
 
         With num_processes > 1 this opens a Dagster Pipes session, after which Dagster takes only typed
@@ -46,7 +47,7 @@ class ComputeResource(dg.ConfigurableResource):
         if self.num_processes > 1:
             return self._launch(context, device, model_dir=model_dir, train_dataset_dir=train_dataset_dir,
                                 output_dir=output_dir, settings=settings, max_length=max_length, on_log=on_log,
-                                adapter_init=adapter_init)
+                                adapter_init=adapter_init, checkpoint_dir=checkpoint_dir)
         import datasets
 
         from orpo_pipeline.train.trainer import train_orpo_adapter
@@ -54,7 +55,8 @@ class ComputeResource(dg.ConfigurableResource):
         train = datasets.load_from_disk(str(train_dataset_dir))
         with _core_logs_to(context.log):
             return train_orpo_adapter(Path(model_dir), train, Path(output_dir), settings, max_length,
-                                      device=device, on_log=on_log, adapter_init=adapter_init)
+                                      device=device, on_log=on_log, adapter_init=adapter_init,
+                                      checkpoint_dir=checkpoint_dir)
 
     def launch_command(self, device: str, args_json: Path, port: int) -> list[str]:
         """`accelerate launch` running orpo_pipeline.train.launch in num_processes processes on this machine."""
@@ -73,7 +75,7 @@ class ComputeResource(dg.ConfigurableResource):
         return cmd + ["-m", "orpo_pipeline.train.launch", "--args-json", str(args_json)]
 
     def _launch(self, context, device: str, *, model_dir, train_dataset_dir, output_dir, settings, max_length,
-                on_log, adapter_init):
+                on_log, adapter_init, checkpoint_dir):
         from orpo_pipeline.train.trainer import load_train_result
 
         if self.distributed == "fsdp" and (device != "cuda" or settings.load_in_4bit):
@@ -81,7 +83,8 @@ class ComputeResource(dg.ConfigurableResource):
                              "with load_in_4bit")
         spec = {"model_dir": str(model_dir), "train_dataset_dir": str(train_dataset_dir), "output_dir": str(output_dir),
                 "settings": settings.model_dump(), "max_length": max_length, "device": device,
-                "adapter_init": str(adapter_init) if adapter_init else None}
+                "adapter_init": str(adapter_init) if adapter_init else None,
+                "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
 
         def on_message(payload) -> None:
             if on_log is None or not isinstance(payload, dict) or "step" not in payload:

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             device=spec.get("device", "auto"),
             on_log=on_log,
             adapter_init=Path(spec["adapter_init"]) if spec.get("adapter_init") else None,
+            checkpoint_dir=Path(spec["checkpoint_dir"]) if spec.get("checkpoint_dir") else None,
         )
         if pipes is not None:
             pipes.log.info(f"trained {result.global_steps} steps on {result.device} in {result.train_runtime_s:.1f}s")
