@@ -13,16 +13,18 @@ from orpo_pipeline.plots import histograms_png, markdown_image, markdown_table
 from orpo_pipeline.storage import ParquetAppender, atomic_dir, write_json
 from resources import MlflowResource, StorageResource
 
-from .config import DataConfig, TokenizeConfig
+from .config import CleanConfig, ReadConfig, TokenizeConfig
+from .versions import CODE_VERSIONS
 from .partitions import preference_files, registered_keys
 
 GROUP = "preferences"
 ONE_RUN = dg.BackfillPolicy.single_run()
 
 
-@dg.asset(group_name=GROUP, kinds={"polars", "parquet"}, partitions_def=preference_files, backfill_policy=ONE_RUN)
+@dg.asset(group_name=GROUP, kinds={"polars", "parquet"}, partitions_def=preference_files, backfill_policy=ONE_RUN,
+          code_version=CODE_VERSIONS["raw_preferences"])
 def raw_preferences(
-    context: dg.AssetExecutionContext, config: DataConfig, storage: StorageResource, mlflow_tracking: MlflowResource
+    context: dg.AssetExecutionContext, config: ReadConfig, storage: StorageResource, mlflow_tracking: MlflowResource
 ) -> dg.MaterializeResult:
     """Every record of one preference file, parsed; records that cannot be read keep their error (file, row, field)."""
     rows = []
@@ -93,10 +95,10 @@ def _refuse_other_hashes(index: pl.DataFrame, cleaning: list[str]) -> None:
 
 # pool: the hash index is read-modify-write, so two cleaning runs must not interleave (default_limit 1)
 @dg.asset(group_name=GROUP, kinds={"polars", "parquet"}, partitions_def=preference_files, backfill_policy=ONE_RUN,
-          deps=[raw_preferences], pool="preference_index")
+          deps=[raw_preferences], pool="preference_index", code_version=CODE_VERSIONS["cleaned_preferences"])
 def cleaned_preferences(
     context: dg.AssetExecutionContext,
-    config: DataConfig,
+    config: CleanConfig,
     storage: StorageResource,
     mlflow_tracking: MlflowResource,
 ) -> dg.MaterializeResult:
@@ -280,14 +282,15 @@ def _token_histogram(dataset, out: Path) -> Path:
     return histograms_png(series, out, "Token lengths after truncation (train)", "tokens")
 
 
-@dg.asset(group_name=GROUP, kinds={"huggingface", "arrow"}, deps=[cleaned_preferences])
+@dg.asset(group_name=GROUP, kinds={"huggingface", "arrow"}, deps=[cleaned_preferences],
+          code_version=CODE_VERSIONS["tokenized_dataset"])
 def tokenized_dataset(
     context: dg.AssetExecutionContext,
     config: TokenizeConfig,
     base_model: dict,
     storage: StorageResource,
     mlflow_tracking: MlflowResource,
-) -> dict:
+) -> dg.Output[dict]:
     """All accepted pairs, chat-templated and tokenized once in the trainer's layout; pairs that cannot fit are dropped with a reason."""
     import datasets
     from transformers import AutoTokenizer
@@ -343,5 +346,6 @@ def tokenized_dataset(
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         }
     )
-    return {"dir": str(out / "dataset"), "digest": digest, "max_length": config.max_length,
-            "cleaned_digest": cleaned_digest, "sources": sources, "chat_template": config.chat_template}
+    return dg.Output({"dir": str(out / "dataset"), "digest": digest, "max_length": config.max_length,
+                      "cleaned_digest": cleaned_digest, "sources": sources, "chat_template": config.chat_template},
+                     data_version=dg.DataVersion(digest))
