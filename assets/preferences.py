@@ -4,6 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+from pydantic import Field
 
 from orpo_pipeline.data import clean
 from orpo_pipeline.data import drops
@@ -250,7 +251,8 @@ def rows_in_equal_kept_plus_rejected(context: dg.AssetCheckExecutionContext,
 
 
 class RejectsCeilingConfig(dg.Config):
-    max_reject_share: float = 0.5  # per file: above this a warning, since one bad export should be looked at
+    # per file: above this a warning, since one bad export should be looked at
+    max_reject_share: float = Field(0.5, ge=0.0, le=1.0, description="Share of rejected rows per file above which the check warns.")
 
 
 @dg.asset_check(asset=cleaned_preferences, blocking=False,
