@@ -192,7 +192,8 @@ class MlflowResource(dg.ConfigurableResource):
         lists the model under "Logged models", not under the run's artifacts) as tags and in the run's description."""
         client = self.client()
         mv = client.get_model_version(self.registered_model_name, version)
-        model_id = getattr(mv, "model_id", None) or ""
+        # the SQLite registry leaves model_id empty; the version's source is then models:/<model id>
+        model_id = mv.model_id or (mv.source.removeprefix("models:/") if mv.source.startswith("models:/m-") else "")
         client.set_tag(run_id, "registered_model_version", f"{self.registered_model_name}/{version}")
         if model_id:
             client.set_tag(run_id, "logged_model_id", model_id)

@@ -247,7 +247,7 @@ def test_no_mlflow_run_is_left_running_and_the_training_run_links_its_model(pipe
     assert runs and {r.info.status for r in runs} == {"FINISHED"}
     run = client.get_run(result.output_for_node("orpo_adapter")["mlflow_run_id"])
     version = client.get_model_version("tiny-orpo", mats["merged_model"]["model_version"].value)
-    assert run.data.tags["logged_model_id"] == version.model_id
+    assert version.source == f"models:/{run.data.tags['logged_model_id']}"
     assert f"tiny-orpo version {version.version}" in run.data.tags["mlflow.note.content"]
     assert "LoRA adapter merged" in version.description
     assert {c["name"] for c in version_signature_inputs(tracking, version)} == {"prompt"}
