@@ -156,9 +156,10 @@ def cleaned_preferences(
     with mlflow_tracking.active_run(context) as run_id:
         import mlflow
 
-        mlflow.log_metrics({f"data/rejected_{k}": v for k, v in reasons.items()})
-        mlflow.log_metrics({"data/kept_pairs": int(table["kept"].sum()), "data/train_pairs": int(table["train"].sum()),
-                            "data/eval_pairs": int(table["eval"].sum())})
+        # one count per run, not a curve: params, so the run's charts open on training curves and scores
+        mlflow.log_params({f"data.rejected_{k}": v for k, v in reasons.items()})
+        mlflow.log_params({"data.kept_pairs": int(table["kept"].sum()), "data.train_pairs": int(table["train"].sum()),
+                           "data.eval_pairs": int(table["eval"].sum())})
         mlflow.log_artifacts(str(report_dir), artifact_path="data_quality")
     return dg.MaterializeResult(
         metadata={
@@ -329,9 +330,9 @@ def tokenized_dataset(
     with mlflow_tracking.active_run(context) as run_id:
         import mlflow
 
-        mlflow.log_metrics({"data/truncated_prompt": sum(t.truncated_prompt for t in splits.values()),
-                            "data/truncated_completion": sum(t.truncated_completion for t in splits.values()),
-                            **{f"data/dropped_{r}": n for r, n in dropped_counts.items()}})
+        mlflow.log_params({"data.truncated_prompt": sum(t.truncated_prompt for t in splits.values()),
+                           "data.truncated_completion": sum(t.truncated_completion for t in splits.values()),
+                           **{f"data.dropped_{r}": n for r, n in dropped_counts.items()}})
         mlflow.log_artifact(str(out / hist.name), artifact_path="data_quality")
     context.add_output_metadata(
         {

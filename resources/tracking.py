@@ -205,8 +205,13 @@ class MlflowResource(dg.ConfigurableResource):
         lines.append("The LoRA adapter, its card and the training curves are this run's `adapter/` artifacts.")
         client.set_tag(run_id, "mlflow.note.content", "\n\n".join(lines))
 
+    def experiment_url(self) -> str:
+        # the UI picks GenAI or model-training navigation from this parameter (else from the browser's last choice)
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id()}?workflowType=machine_learning"
+
     def run_url(self, run_id: str) -> str:
-        return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id()}/runs/{run_id}"
+        return (f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id()}/runs/{run_id}"
+                "?workflowType=machine_learning")
 
     def model_version_url(self, version: str) -> str:
         return f"{self.ui_url.rstrip('/')}/#/models/{self.registered_model_name}/versions/{version}"
