@@ -1,11 +1,21 @@
-"""Launchpad config: the core settings models, as Dagster Config (same fields, defaults, docs)."""
+"""Launchpad config: the core settings models, as Dagster Config (same fields, defaults, docs).
+
+Dagster's run-config schema has no numeric bounds or cross-field rules, so a run's config is checked against these
+models once, when the run starts and before any step runs (`check_run_config`, called from the storage resource's
+setup), instead of when each asset builds its config.
+"""
 
 import dagster as dg
+from pydantic import Field, ValidationError
 
-from orpo_pipeline.config import DataSettings, EvalSettings, ModelSettings, TokenizeSettings, TrainSettings
+from orpo_pipeline.config import CleanSettings, EvalSettings, ModelSettings, ReadSettings, TokenizeSettings, TrainSettings
 
 
-class DataConfig(dg.Config, DataSettings):
+class ReadConfig(dg.Config, ReadSettings):
+    pass
+
+
+class CleanConfig(dg.Config, CleanSettings):
     pass
 
 
@@ -18,7 +28,10 @@ class TokenizeConfig(dg.Config, TokenizeSettings):
 
 
 class TrainConfig(dg.Config, TrainSettings):
-    init_from_champion: bool = False  # continue from the champion's adapter instead of a fresh LoRA
+    init_from_champion: bool = Field(
+        False, description="Continue from the adapter of the registered model's 'champion' version instead of a fresh "
+        "LoRA (a fresh one when there is no champion yet).",
+    )
 
 
 class EvalConfig(dg.Config, EvalSettings):

@@ -9,10 +9,11 @@ import dagster as dg
 
 from orpo_pipeline.models import base as base_model_lib
 from orpo_pipeline.plots import curves_png, markdown_image
-from orpo_pipeline.storage import atomic_file, dir_digest
+from orpo_pipeline.storage import atomic_file, cached_dir_digest, dir_digest
 from resources import ComputeResource, MlflowResource, StorageResource
 
 from .config import EvalConfig, ModelConfig, TrainConfig
+from .versions import CODE_VERSIONS, combined_version
 
 GROUP = "model"
 TRAIN_CURVES = ["loss", "nll_loss", "log_odds_ratio", "rewards/accuracies", "rewards/margins"]
@@ -22,16 +23,17 @@ STEP_METRICS = TRAIN_CURVES + [
 ]
 
 
-@dg.asset(group_name=GROUP, kinds={"huggingface", "safetensors"})
+@dg.asset(group_name=GROUP, kinds={"huggingface", "safetensors"}, code_version=CODE_VERSIONS["base_model"])
 def base_model(
     context: dg.AssetExecutionContext, config: ModelConfig, storage: StorageResource, mlflow_tracking: MlflowResource
-) -> dict:
+) -> dg.Output[dict]:
     """The configured base model as a local safetensors folder (the embedded default is converted from GGUF once)."""
     try:
         path = base_model_lib.resolve_base_model(config.base_model, storage.model_cache, config.revision)
     except base_model_lib.BaseModelError as e:
         raise dg.Failure(str(e)) from e
     cfg = json.loads((path / "config.json").read_text())
+    digest = cached_dir_digest(path, storage.root_path / "artifacts" / "base_model" / "digests")
     run_id = mlflow_tracking.run_id_for(context.run.run_id, context.asset_key.to_user_string())
     context.add_output_metadata(
         {
@@ -42,9 +44,12 @@ def base_model(
             "hidden_size": cfg.get("hidden_size", 0),
             "layers": cfg.get("num_hidden_layers", 0),
             "vocab_size": cfg.get("vocab_size", 0),
+            "digest": digest,
         }
     )
-    return {"path": str(path), "name": config.base_model}
+    # the data version is the weights' digest: the same bytes again leave every downstream asset in sync
+    return dg.Output({"path": str(path), "name": config.base_model, "digest": digest},
+                     data_version=dg.DataVersion(digest))
 
 
 def _mlflow_step_logger(context: dg.AssetExecutionContext, run_id: str, client):
@@ -97,7 +102,7 @@ def _link_resumed_run(context: dg.AssetExecutionContext, checkpoint_dir: Path, r
 
 # a crash (an OOM kill, a lost node) retries the step, which resumes from the last checkpoint
 @dg.asset(group_name=GROUP, kinds={"pytorch", "peft"}, pool="gpu",
-          retry_policy=dg.RetryPolicy(max_retries=2, delay=5))
+          retry_policy=dg.RetryPolicy(max_retries=2, delay=5), code_version=CODE_VERSIONS["orpo_adapter"])
 def orpo_adapter(
     context: dg.AssetExecutionContext,
     config: TrainConfig,
@@ -113,11 +118,11 @@ def orpo_adapter(
     failed run resumes the same training there, and the folder is deleted once the adapter is saved.
     """
     import mlflow
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource
 
     from orpo_pipeline.config import TrainSettings
     from orpo_pipeline.train.checkpoints import checkpoint_key
+    from orpo_pipeline.models.merge import write_adapter_card
+    from resources.dataset_inputs import log_training_inputs
 
     settings = TrainSettings.model_validate(config.model_dump(exclude={"init_from_champion"}))
     # the data was tokenized with one chat template; train and save the adapter's tokenizer with the same one
@@ -150,19 +155,9 @@ def orpo_adapter(
         mlflow.log_params({f"train.{k}": v for k, v in params.items()})
         mlflow.log_params({"base_model": base_model["name"], "max_length": tokenized_dataset["max_length"], "device": device})
         # one input per preference file (= partition), so a model version walks back to the files it learned from
-        for src in tokenized_dataset["sources"]:
-            mlflow.log_input(
-                MetaDataset(LocalArtifactDatasetSource(src["path"]), name=src["name"], digest=src["digest"][:32]),
-                context="training",
-                tags={"dagster.partition_key": src["partition_key"], "file_sha256": src["digest"]},
-            )
+        log_training_inputs(tokenized_dataset, lambda key: storage.partition_dir("cleaned_preferences", key))
         mlflow.set_tags({"dagster.partition_keys": ",".join(s["partition_key"] for s in tokenized_dataset["sources"]),
                          "cleaned_digest": tokenized_dataset["cleaned_digest"]})
-        mlflow.log_input(
-            MetaDataset(LocalArtifactDatasetSource(tokenized_dataset["dir"]), name="tokenized_dataset",
-                        digest=tokenized_dataset["digest"]),
-            context="training",
-        )
         on_log, sink = _mlflow_step_logger(context, run_id, client)
         try:
             result = compute.train(
@@ -173,6 +168,8 @@ def orpo_adapter(
         finally:
             sink.close(timeout_s=30)
         curves = curves_png(result.history, TRAIN_CURVES, out / "training_curves.png", "ORPO training")
+        write_adapter_card(out, base_model=base_model["name"], training_config=settings.model_dump(),
+                           data=tokenized_dataset, steps=result.global_steps, mlflow_run_id=run_id)
         mlflow.log_metrics({"train/tokens_per_second": result.tokens_per_second,
                             "train/peak_memory_mb": result.peak_memory_mb,
                             "train/runtime_s": result.train_runtime_s})
@@ -185,7 +182,7 @@ def orpo_adapter(
             "device": result.device,
             "steps": result.global_steps,
             "resumed_from_step": result.resumed_from_step,
-            "final_loss": next((h["loss"] for h in reversed(result.history) if "loss" in h), float("nan")),
+            "final_loss": round(next((h["loss"] for h in reversed(result.history) if "loss" in h), float("nan")), 4),
             "tokens_per_second": round(result.tokens_per_second, 1),
             "peak_memory_mb": round(result.peak_memory_mb, 1),
             "runtime_s": round(result.train_runtime_s, 1),
@@ -198,23 +195,24 @@ def orpo_adapter(
     # dg.Output: with ComputeResource(num_processes > 1) a Pipes session ran, and Dagster then takes no bare value
     return dg.Output({"dir": str(out), "digest": digest, "mlflow_run_id": run_id, "training_config": settings.model_dump(),
                       "partition_keys": ",".join(s["partition_key"] for s in tokenized_dataset["sources"]),
-                      "cleaned_digest": tokenized_dataset["cleaned_digest"], "tokenized_digest": tokenized_dataset["digest"]})
+                      "cleaned_digest": tokenized_dataset["cleaned_digest"], "tokenized_digest": tokenized_dataset["digest"]},
+                     data_version=dg.DataVersion(digest))
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"})
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, code_version=CODE_VERSIONS["merged_model"])
 def merged_model(
     context: dg.AssetExecutionContext,
     orpo_adapter: dict,
     base_model: dict,
     storage: StorageResource,
     mlflow_tracking: MlflowResource,
-) -> dict:
+) -> dg.Output[dict]:
     """Adapter merged into full-precision base weights; logged to MLflow and registered as a new model version."""
     import mlflow
 
     from orpo_pipeline.models.merge import merge_adapter
 
-    from orpo_pipeline.models.registry import log_merged_model
+    from orpo_pipeline.models.registry import log_merged_model, version_description
 
     out = storage.artifact_dir("merged_model", context.run.run_id)
     card = {
@@ -237,7 +235,8 @@ def merged_model(
             "tokenized_digest": orpo_adapter["tokenized_digest"],
             "dagster.partition_keys": orpo_adapter["partition_keys"],
             "merged_dir": str(out),
-        })
+        }, description=version_description(card, context.run.run_id))
+        mlflow_tracking.link_model_version(run_id, version)
     context.add_output_metadata(
         {
             "path": dg.MetadataValue.path(str(out)),
@@ -247,10 +246,12 @@ def merged_model(
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         }
     )
-    return {"dir": str(out), "mlflow_run_id": run_id, "model_version": version, "card": card}
+    # merging is deterministic: the same base and adapter give the same weights
+    return dg.Output({"dir": str(out), "mlflow_run_id": run_id, "model_version": version, "card": card},
+                     data_version=dg.DataVersion(combined_version(base_model.get("digest", ""), orpo_adapter["digest"])))
 
 
-@dg.asset(group_name=GROUP, kinds={"mlflow"})
+@dg.asset(group_name=GROUP, kinds={"mlflow"}, code_version=CODE_VERSIONS["benchmark_scores"])
 def benchmark_scores(
     context: dg.AssetExecutionContext,
     config: EvalConfig,
@@ -258,7 +259,7 @@ def benchmark_scores(
     base_model: dict,
     tokenized_dataset: dict,
     mlflow_tracking: MlflowResource,
-) -> dict:
+) -> dg.Output[dict]:
     """Held-out preference accuracy, log-odds margin and chosen NLL for base vs tuned model, plus sample generations."""
     import datasets
     import mlflow
@@ -304,8 +305,8 @@ def benchmark_scores(
         {
             "scores": dg.MetadataValue.md(table),
             "generations": dg.MetadataValue.md(samples),
-            "base_preference_accuracy": scores["base"]["preference_accuracy"],
-            "tuned_preference_accuracy": scores["tuned"]["preference_accuracy"],
+            "base_preference_accuracy": round(scores["base"]["preference_accuracy"], 4),
+            "tuned_preference_accuracy": round(scores["tuned"]["preference_accuracy"], 4),
             "eval_pairs": scores["tuned"]["pairs"],
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         }
@@ -314,4 +315,5 @@ def benchmark_scores(
     out["model_version"] = str(merged_model["model_version"])
     out["champion_version"] = str(champion.version) if champion is not None else None
     out["mlflow_run_id"] = run_id
-    return out
+    return dg.Output(out, data_version=dg.DataVersion(combined_version(json.dumps(
+        {n: {m: round(v, 4) for m, v in ms.items()} for n, ms in out.items() if isinstance(ms, dict)}, sort_keys=True))))

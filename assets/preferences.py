@@ -4,6 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+from pydantic import Field
 
 from orpo_pipeline.data import clean
 from orpo_pipeline.data import drops
@@ -13,16 +14,18 @@ from orpo_pipeline.plots import histograms_png, markdown_image, markdown_table
 from orpo_pipeline.storage import ParquetAppender, atomic_dir, write_json
 from resources import MlflowResource, StorageResource
 
-from .config import DataConfig, TokenizeConfig
+from .config import CleanConfig, ReadConfig, TokenizeConfig
+from .versions import CODE_VERSIONS
 from .partitions import preference_files, registered_keys
 
 GROUP = "preferences"
 ONE_RUN = dg.BackfillPolicy.single_run()
 
 
-@dg.asset(group_name=GROUP, kinds={"polars", "parquet"}, partitions_def=preference_files, backfill_policy=ONE_RUN)
+@dg.asset(group_name=GROUP, kinds={"polars", "parquet"}, partitions_def=preference_files, backfill_policy=ONE_RUN,
+          code_version=CODE_VERSIONS["raw_preferences"])
 def raw_preferences(
-    context: dg.AssetExecutionContext, config: DataConfig, storage: StorageResource, mlflow_tracking: MlflowResource
+    context: dg.AssetExecutionContext, config: ReadConfig, storage: StorageResource, mlflow_tracking: MlflowResource
 ) -> dg.MaterializeResult:
     """Every record of one preference file, parsed; records that cannot be read keep their error (file, row, field)."""
     for key in context.partition_keys:
@@ -89,10 +92,10 @@ def _refuse_other_hashes(index: pl.DataFrame, cleaning: list[str]) -> None:
 
 # pool: the hash index is read-modify-write, so two cleaning runs must not interleave (default_limit 1)
 @dg.asset(group_name=GROUP, kinds={"polars", "parquet"}, partitions_def=preference_files, backfill_policy=ONE_RUN,
-          deps=[raw_preferences], pool="preference_index")
+          deps=[raw_preferences], pool="preference_index", code_version=CODE_VERSIONS["cleaned_preferences"])
 def cleaned_preferences(
     context: dg.AssetExecutionContext,
-    config: DataConfig,
+    config: CleanConfig,
     storage: StorageResource,
     mlflow_tracking: MlflowResource,
 ) -> dg.MaterializeResult:
@@ -155,9 +158,10 @@ def cleaned_preferences(
     with mlflow_tracking.active_run(context) as run_id:
         import mlflow
 
-        mlflow.log_metrics({f"data/rejected_{k}": v for k, v in reasons.items()})
-        mlflow.log_metrics({"data/kept_pairs": int(table["kept"].sum()), "data/train_pairs": int(table["train"].sum()),
-                            "data/eval_pairs": int(table["eval"].sum())})
+        # one count per run, not a curve: params, so the run's charts open on training curves and scores
+        mlflow.log_params({f"data.rejected_{k}": v for k, v in reasons.items()})
+        mlflow.log_params({"data.kept_pairs": int(table["kept"].sum()), "data.train_pairs": int(table["train"].sum()),
+                           "data.eval_pairs": int(table["eval"].sum())})
         mlflow.log_artifacts(str(report_dir), artifact_path="data_quality")
     # the run's totals are in MLflow and the cleaning report; each partition carries its own file's counts
     return dg.MaterializeResult(metadata={**extra, "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id))})
@@ -239,7 +243,8 @@ def rows_in_equal_kept_plus_rejected(context: dg.AssetCheckExecutionContext,
 
 
 class RejectsCeilingConfig(dg.Config):
-    max_reject_share: float = 0.5  # per file: above this a warning, since one bad export should be looked at
+    # per file: above this a warning, since one bad export should be looked at
+    max_reject_share: float = Field(0.5, ge=0.0, le=1.0, description="Share of rejected rows per file above which the check warns.")
 
 
 @dg.asset_check(asset=cleaned_preferences, blocking=False,
@@ -271,14 +276,15 @@ def _token_histogram(dataset, out: Path) -> Path:
     return histograms_png(series, out, "Token lengths after truncation (train)", "tokens")
 
 
-@dg.asset(group_name=GROUP, kinds={"huggingface", "arrow"}, deps=[cleaned_preferences])
+@dg.asset(group_name=GROUP, kinds={"huggingface", "arrow"}, deps=[cleaned_preferences],
+          code_version=CODE_VERSIONS["tokenized_dataset"])
 def tokenized_dataset(
     context: dg.AssetExecutionContext,
     config: TokenizeConfig,
     base_model: dict,
     storage: StorageResource,
     mlflow_tracking: MlflowResource,
-) -> dict:
+) -> dg.Output[dict]:
     """All accepted pairs, chat-templated and tokenized once in the trainer's layout; pairs that cannot fit are dropped with a reason."""
     import datasets
     from transformers import AutoTokenizer
@@ -315,9 +321,9 @@ def tokenized_dataset(
     with mlflow_tracking.active_run(context) as run_id:
         import mlflow
 
-        mlflow.log_metrics({"data/truncated_prompt": sum(t.truncated_prompt for t in splits.values()),
-                            "data/truncated_completion": sum(t.truncated_completion for t in splits.values()),
-                            **{f"data/dropped_{r}": n for r, n in dropped_counts.items()}})
+        mlflow.log_params({"data.truncated_prompt": sum(t.truncated_prompt for t in splits.values()),
+                           "data.truncated_completion": sum(t.truncated_completion for t in splits.values()),
+                           **{f"data.dropped_{r}": n for r, n in dropped_counts.items()}})
         mlflow.log_artifact(str(out / hist.name), artifact_path="data_quality")
     context.add_output_metadata(
         {
@@ -334,5 +340,6 @@ def tokenized_dataset(
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         }
     )
-    return {"dir": str(out / "dataset"), "digest": digest, "max_length": config.max_length,
-            "cleaned_digest": cleaned_digest, "sources": sources, "chat_template": config.chat_template}
+    return dg.Output({"dir": str(out / "dataset"), "digest": digest, "max_length": config.max_length,
+                      "cleaned_digest": cleaned_digest, "sources": sources, "chat_template": config.chat_template},
+                     data_version=dg.DataVersion(digest))

@@ -42,7 +42,10 @@ retrain_job = dg.define_asset_job(
 
 
 @dg.sensor(job=ingest_and_train_job, minimum_interval_seconds=SENSOR_INTERVAL,
-           default_status=dg.DefaultSensorStatus.RUNNING)
+           default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Watches the drop folder (storage resource's drop_dir, default state/drops): each new file, once "
+                       "its size and mtime hold still, is stored by content and becomes a partition; one run of "
+                       "orpo_training_job then cleans the new files and retrains. A tick that starts nothing says why.")
 def preference_drop_sensor(context: dg.SensorEvaluationContext, storage: StorageResource):
     """New files in the drop folder become partitions; one run cleans them and retrains."""
     cursor = json.loads(context.cursor) if context.cursor else {}
@@ -58,7 +61,8 @@ def preference_drop_sensor(context: dg.SensorEvaluationContext, storage: Storage
     context.update_cursor(json.dumps({"done": done, "stats": stats}))
     waiting = len(stats) - len(ready)
     if not new_keys:
-        return dg.SkipReason(f"no new preference files in {storage.drop_path} ({waiting} still being written)")
+        return dg.SkipReason(f"no new preference files in {storage.drop_path}"
+                             + (f" ({waiting} still being written or not settled yet)" if waiting else ""))
     names = {s.key: s.name for s in sources}
     context.log.info("new preference files: " + ", ".join(f"{names[k]} ({k})" for k in new_keys))
     # partitions were just added by register_files, so the range below resolves in this same tick
@@ -66,7 +70,9 @@ def preference_drop_sensor(context: dg.SensorEvaluationContext, storage: Storage
     return dg.SensorResult(run_requests=[request])
 
 
-@dg.schedule(job=retrain_job, cron_schedule=RETRAIN_CRON, default_status=dg.DefaultScheduleStatus.RUNNING)
+@dg.schedule(job=retrain_job, cron_schedule=RETRAIN_CRON, default_status=dg.DefaultScheduleStatus.RUNNING,
+             description=f"Retrains on every accepted file ({RETRAIN_CRON}, env ORPO_RETRAIN_CRON) when preference "
+                         "data was cleaned after the last trained model; otherwise the tick is skipped with the reason.")
 def retrain_schedule(context: dg.ScheduleEvaluationContext):
     """Retrain only when preference data was cleaned after the last trained model."""
     instance = context.instance

@@ -6,9 +6,12 @@ from assets import champion, model, preferences
 from assets.hf_import import import_hf_dataset
 from assets.retraining import ingest_and_train_job, preference_drop_sensor, retrain_job, retrain_schedule
 from resources import ComputeResource, MlflowResource, StorageResource
+from resources.io_manager import ArtifactHandleIOManager
 
 all_assets = dg.load_assets_from_modules([preferences, model])
 all_checks = dg.load_asset_checks_from_modules([preferences, model, champion])
+
+STORAGE = StorageResource()
 
 defs = dg.Definitions(
     assets=all_assets,
@@ -17,9 +20,11 @@ defs = dg.Definitions(
     sensors=[preference_drop_sensor],
     schedules=[retrain_schedule],
     resources={
-        "storage": StorageResource(),
+        "storage": STORAGE,
         "compute": ComputeResource(),
         "mlflow_tracking": MlflowResource(),
+        # asset outputs (small dicts of paths and digests) as JSON beside the artifacts, not pickles in dagster_home
+        "io_manager": ArtifactHandleIOManager(storage=STORAGE),
     },
     # ML steps are sequential and heavy to import; one process avoids re-importing torch for every step
     executor=dg.in_process_executor,

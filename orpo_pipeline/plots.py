@@ -24,13 +24,19 @@ def histograms_png(series: dict[str, list[float]], path: Path, title: str, xlabe
     return Path(path)
 
 
-def curves_png(history: list[dict], keys: list[str], path: Path, title: str) -> Path:
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), dpi=90, squeeze=False)
-    for ax, key in zip(axes[0], keys):
+def curves_png(history: list[dict], keys: list[str], path: Path, title: str, columns: int = 3) -> Path:
+    """One small plot per key, `columns` to a row: 3 x 2.9 in at 90 dpi is 783 px wide, which fits the Dagster
+    metadata panel (~900 px) without a scroll bar."""
+    rows = -(-len(keys) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.9 * columns, 2.4 * rows), dpi=90, squeeze=False)
+    flat = axes.ravel()
+    for ax, key in zip(flat, keys):
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
             ax.plot(*zip(*points), marker=".")
         ax.set(title=key, xlabel="step")
+    for ax in flat[len(keys):]:
+        ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)

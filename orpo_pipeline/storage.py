@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -16,12 +17,59 @@ from pathlib import Path
 from typing import Iterator
 
 
+# .<name>.tmp-<writer pid>-<random>: the pid tells a sweep whether the writer is still alive
+TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(\d+)-[0-9a-f]{8}$")
+
+
+def _temp_name(name: str, kind: str) -> str:
+    return f".{name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def sweep_dead_temp(root: Path, max_depth: int = 4) -> list[Path]:
+    """Remove temp files and folders of atomic writes whose writer process is gone (a crash mid-write).
+
+    Temp entries are siblings of their target, so only the first `max_depth` levels below `root` are looked at,
+    and nothing inside a temp entry. Returns what was removed."""
+    removed = []
+
+    def walk(folder: Path, depth: int) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for e in entries:
+            m = TEMP_NAME.match(e.name)
+            if m:
+                if not _pid_alive(int(m.group(1))):
+                    path = Path(e.path)
+                    if e.is_dir(follow_symlinks=False):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                    removed.append(path)
+            elif depth < max_depth and e.is_dir(follow_symlinks=False) and not e.name.startswith("."):
+                walk(Path(e.path), depth + 1)
+
+    walk(Path(root), 1)
+    return removed
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder; on success it replaces `final` by rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / _temp_name(final.name, "tmp")
     tmp.mkdir()
     try:
         yield tmp
@@ -31,7 +79,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     old = None
     if final.exists():
         # rename() cannot replace a non-empty folder, so move the old one aside first
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        old = final.parent / _temp_name(final.name, "old")
         final.rename(old)
     tmp.rename(final)
     if old is not None:
@@ -43,7 +91,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temp file path; on success it replaces `final` by rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / _temp_name(final.name, "tmp")
     try:
         yield tmp
         os.replace(tmp, final)
@@ -125,3 +173,19 @@ class ParquetAppender:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def cached_dir_digest(path: Path, cache_dir: Path) -> str:
+    """dir_digest of a folder that rarely changes (a base model), computed again only when a file's name, size or
+    mtime changed since the digest was stored under `cache_dir`."""
+    path = Path(path).resolve()
+    signature = [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
+                 for p in sorted(q for q in path.rglob("*") if q.is_file())]
+    entry = Path(cache_dir) / f"{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.json"
+    if entry.is_file():
+        cached = json.loads(entry.read_text())
+        if cached.get("path") == str(path) and cached.get("signature") == signature:
+            return cached["digest"]
+    digest = dir_digest(path)
+    write_json(entry, {"path": str(path), "signature": signature, "digest": digest})
+    return digest

@@ -7,6 +7,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from orpo_pipeline.config import check_run_config
+from orpo_pipeline.storage import sweep_dead_temp
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +25,19 @@ class StorageResource(dg.ConfigurableResource):
     allow_symlinks: bool = Field(default=False, description="Register preference files that are symbolic links "
                                  "(in the drop folder, --data-dir or `cli register`); refused by default, since a "
                                  "link can point anywhere (/etc/passwd).")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Once per run, before its first step: check the whole run config, then sweep what crashed writers left.
+
+        Dagster's run-config schema has no numeric bounds nor cross-field rules, so without this an invalid
+        orpo_adapter config would only be found after cleaning and tokenizing."""
+        run = context.dagster_run
+        if run is not None:
+            check_run_config((run.run_config or {}).get("ops", {}))
+        if self.root_path.is_dir():
+            for path in sweep_dead_temp(self.root_path):
+                if context.log is not None:
+                    context.log.warning(f"removed {path}: left by a writer that is gone (a crash mid-write)")
 
     @property
     def root_path(self) -> Path:

@@ -242,3 +242,24 @@ def test_the_row_accounting_check_counts_the_stored_files(tmp_path):
         pl.read_parquet(rejects).slice(1).write_parquet(rejects)
         after = check()
         assert not after.passed and after.metadata["unbalanced"].value == 1 and "dirty.jsonl" in after.description
+
+
+def test_no_mlflow_run_is_left_running_and_the_training_run_links_its_model(pipeline_run):
+    result, mats, tracking, _, _ = pipeline_run
+    client = tracking.client()
+    runs = client.search_runs([tracking.experiment_id()])
+    assert runs and {r.info.status for r in runs} == {"FINISHED"}
+    run = client.get_run(result.output_for_node("orpo_adapter")["mlflow_run_id"])
+    version = client.get_model_version("tiny-orpo", mats["merged_model"]["model_version"].value)
+    assert version.source == f"models:/{run.data.tags['logged_model_id']}"
+    assert f"tiny-orpo version {version.version}" in run.data.tags["mlflow.note.content"]
+    assert "LoRA adapter merged" in version.description
+    assert {c["name"] for c in version_signature_inputs(tracking, version)} == {"prompt"}
+
+
+def version_signature_inputs(tracking, version) -> list[dict]:
+    import mlflow
+
+    tracking.client()
+    info = mlflow.models.get_model_info(f"models:/{version.name}/{version.version}")
+    return info.signature.inputs.to_dict()

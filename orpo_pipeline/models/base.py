@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from pathlib import Path
 
-from ..config import DEFAULT_BASE_MODEL
+from ..config import DEFAULT_BASE_MODEL, revision_problem
 from ..storage import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,15 @@ TINY_MODEL = "tiny-random-llama"
 
 class BaseModelError(RuntimeError):
     pass
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name meant as a folder: absolute, relative with ./ or ../, ~, or more than one '/' (a hub id has one)."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..") or name.count("/") > 1 \
+        or (("/" in name) and not HUB_ID.fullmatch(name))
 
 
 def smollm2_gguf_path() -> Path:
@@ -85,6 +95,9 @@ def build_tiny_model(out: Path, seed: int = 0) -> None:
 def resolve_base_model(name: str, cache_dir: Path, revision: str = "main") -> Path:
     """Return a local folder holding config, safetensors weights and tokenizer."""
     cache_dir = Path(cache_dir)
+    if _looks_like_path(name) and not Path(name).expanduser().is_dir():
+        # checked before anything is created: a missing folder must not leave an empty cache entry behind
+        raise BaseModelError(f"base model {name!r}: no such folder")
     if Path(name).expanduser().is_dir():
         folder = Path(name).expanduser().resolve()
         if not (folder / "config.json").is_file():
@@ -104,20 +117,30 @@ def resolve_base_model(name: str, cache_dir: Path, revision: str = "main") -> Pa
             with atomic_dir(target) as tmp:
                 build_tiny_model(tmp)
         return target
-    if "/" not in name:
+    if not HUB_ID.fullmatch(name):
         raise BaseModelError(
             f"base model {name!r} is neither a local folder, '{DEFAULT_BASE_MODEL}', '{TINY_MODEL}', "
             "nor a hub id of the form owner/name"
         )
     from huggingface_hub import snapshot_download
 
+    if problem := revision_problem(revision):
+        raise BaseModelError(problem)
     target = cache_dir / name.replace("/", "--") / revision
+    if not target.resolve().is_relative_to(cache_dir.resolve()):
+        raise BaseModelError(f"revision {revision!r} would leave the model cache {cache_dir}")
     if not (target / "config.json").is_file():
-        with atomic_dir(target) as tmp:
-            snapshot_download(
-                repo_id=name,
-                revision=revision,
-                local_dir=tmp,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
-            )
+        existed = target.parent.exists()
+        try:
+            with atomic_dir(target) as tmp:
+                snapshot_download(
+                    repo_id=name,
+                    revision=revision,
+                    local_dir=tmp,
+                    allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+                )
+        except Exception as e:
+            if not existed and target.parent.is_dir() and not any(target.parent.iterdir()):
+                target.parent.rmdir()  # no empty cache entry for a model that never arrived
+            raise BaseModelError(f"base model {name!r} (revision {revision!r}) could not be downloaded: {e}") from e
     return target

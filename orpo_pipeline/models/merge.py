@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..storage import atomic_dir
+from ..storage import atomic_dir, atomic_file
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, output_dir: Path, dtype: str = "auto", card: dict | None = None) -> Path:
@@ -66,3 +66,47 @@ def model_card(card: dict) -> str:
     else:
         lines.append("Scored by the `benchmark_scores` asset after merging; see MLflow for the figures.")
     return "\n".join(lines) + "\n"
+
+
+def adapter_card(base_model: str, training_config: dict, data: dict, steps: int, mlflow_run_id: str) -> str:
+    """The adapter's README.md, in place of PEFT's empty template (whose base_model is a local temp path)."""
+    files = "\n".join(f"- `{s['name']}` (partition `{s['partition_key']}`, sha256 `{s['digest'][:16]}…`)"
+                       for s in data.get("sources", []))
+    lines = [
+        "---",
+        "library_name: peft",
+        "tags: [orpo, lora, trl, peft, orpo_pipeline]",
+        f"base_model: {base_model}",
+        "---",
+        "",
+        f"# ORPO LoRA adapter for `{base_model}`",
+        "",
+        "A LoRA adapter trained with ORPO (odds ratio preference optimization, arXiv 2403.07691) by orpo_pipeline, "
+        f"{steps} optimizer steps. Load it with `PeftModel.from_pretrained(<base model>, <this folder>)`; the merged "
+        "full-weight model is the `merged_model` asset, registered in MLflow (the training run's description links it).",
+        "",
+        f"- Base model: `{base_model}`",
+        f"- LoRA rank / alpha / dropout: {training_config.get('lora_r')} / {training_config.get('lora_alpha')} / "
+        f"{training_config.get('lora_dropout')}; target modules: {', '.join(training_config.get('lora_target_modules', []))}",
+        f"- Cleaned data digest: `{data.get('cleaned_digest', '')}`",
+        f"- Tokenized data digest: `{data.get('digest', '')}` (max_length {data.get('max_length')})",
+        f"- MLflow run: `{mlflow_run_id}`",
+        "",
+        "## Trained on",
+        "",
+        files or "(no file list)",
+        "",
+        "## Training configuration",
+        "",
+        "```json",
+        json.dumps({k: v for k, v in training_config.items() if k != "chat_template"}, indent=2, sort_keys=True),
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_adapter_card(adapter_dir: Path, **card) -> Path:
+    path = Path(adapter_dir) / "README.md"
+    with atomic_file(path) as tmp:
+        tmp.write_text(adapter_card(**card))
+    return path

@@ -26,7 +26,25 @@ class MergedChatModel(mlflow.pyfunc.PythonModel):
         return [g["completion"] for g in generate_samples(self.model, self.tokenizer, prompts, max_new)]
 
 
-def log_merged_model(model_dir: Path, registered_name: str, tags: dict[str, str] | None = None) -> str:
+def signature():
+    """Prompts in (a `prompt` column or a list of strings), one reply each out; max_new_tokens as a parameter."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
+                          params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]))
+
+
+def version_description(card: dict, dagster_run_id: str) -> str:
+    return (f"ORPO-tuned `{card.get('base_model', '?')}`: a LoRA adapter merged into the base weights. Trained by "
+            f"Dagster run `{dagster_run_id}` on cleaned data `{card.get('cleaned_digest', '')[:16]}` (tokenized "
+            f"`{card.get('tokenized_digest', '')[:16]}`). Input: a `prompt` column (chat messages are templated by "
+            "the bundled tokenizer); output: the assistant's reply. Scores: the `eval.*` tags, set by "
+            "benchmark_scores; the champion decision: `champion_gate.*` tags.")
+
+
+def log_merged_model(model_dir: Path, registered_name: str, tags: dict[str, str] | None = None,
+                     description: str = "") -> str:
     """Log into the active run, register a new version, return its number."""
     import transformers
     import torch
@@ -34,6 +52,7 @@ def log_merged_model(model_dir: Path, registered_name: str, tags: dict[str, str]
     info = mlflow.pyfunc.log_model(
         name="merged_model",
         python_model=MergedChatModel(),
+        signature=signature(),
         artifacts={"model": str(model_dir)},
         pip_requirements=[f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}",
                           "orpo_pipeline"],
@@ -44,4 +63,6 @@ def log_merged_model(model_dir: Path, registered_name: str, tags: dict[str, str]
     client = mlflow.MlflowClient()
     for k, v in (tags or {}).items():
         client.set_model_version_tag(registered_name, version, k, v)
+    if description:
+        client.update_model_version(registered_name, version, description=description)
     return version

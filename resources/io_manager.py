@@ -1,0 +1,51 @@
+"""What an asset hands to the next: a small JSON handle (paths, digests, ids), stored next to the artifacts.
+
+Assets return plain dicts naming their artifacts, never models. Dagster's default IO manager pickles them under
+dagster_home/storage/<asset> and reports that pickle as the materialization's `path`, which hides the `path` the
+asset reported (where the artifact is). This one writes the dict as JSON to
+<storage root>/artifacts/<asset>/<dagster run id>.json, reports it as `handle` and leaves `path` alone.
+"""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from orpo_pipeline.storage import write_json
+
+from .storage import StorageResource
+
+HANDLE = "handle"
+
+
+class ArtifactHandleIOManager(dg.ConfigurableIOManager):
+    """Stores each asset's returned dict as JSON beside its artifacts; downstream assets read the latest one."""
+
+    storage: StorageResource
+
+    def _handle_path(self, asset_key: dg.AssetKey, run_id: str, partition) -> Path:
+        name = run_id if partition is None else f"{run_id}.{partition}"
+        return self.storage.root_path / "artifacts" / "/".join(asset_key.path) / f"{name}.json"
+
+    def handle_output(self, context: dg.OutputContext, obj) -> None:
+        if obj is None:
+            return
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        path = self._handle_path(context.asset_key, context.run_id, partition)
+        write_json(path, obj)
+        context.add_output_metadata({HANDLE: dg.MetadataValue.path(str(path))})
+
+    def load_input(self, context: dg.InputContext):
+        key = context.asset_key
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        event = context.instance.get_latest_materialization_event(key) if partition is None else next(
+            iter(context.instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records), None)
+        materialization = event.asset_materialization if event is not None else None
+        entry = materialization.metadata.get(HANDLE) if materialization is not None else None
+        if entry is None:
+            raise dg.Failure(f"{key.to_user_string()} has no stored handle: materialize it first")
+        path = Path(entry.value)
+        if not path.is_file():
+            raise dg.Failure(f"{key.to_user_string()}'s handle {path} is gone: materialize it again")
+        return json.loads(path.read_text())
