@@ -2,7 +2,8 @@
 
 import dagster as dg
 
-from orpo_pipeline.config import DataSettings, EvalSettings, ModelSettings, TokenizeSettings, TrainSettings
+from orpo_pipeline.config import (DataSettings, EvalSettings, LmEvalSettings, ModelSettings, PromotionSettings,
+                                  TokenizeSettings, TrainSettings)
 
 
 class DataConfig(dg.Config, DataSettings):
@@ -22,4 +23,12 @@ class TrainConfig(dg.Config, TrainSettings):
 
 
 class EvalConfig(dg.Config, EvalSettings):
+    pass
+
+
+class LmEvalConfig(dg.Config, LmEvalSettings):
+    pass
+
+
+class PromotionConfig(dg.Config, PromotionSettings):
     pass
