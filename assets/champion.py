@@ -61,6 +61,7 @@ def champion_promotion(
         "tolerance": tolerance,
         "champion_now": d.alias_now,
         "mlflow_model_version": dg.MetadataValue.url(mlflow_tracking.model_version_url(version)),
+        "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(benchmark_scores["mlflow_run_id"])),
     }
     if d.champion_score is not None:  # no champion: no score, rather than a made-up one
         metadata["champion_score"] = d.champion_score
