@@ -152,17 +152,21 @@ def worker_stock(model_dir: Path, n: int, out: Path) -> dict:
             "all_losses_finite": all(math.isfinite(x) for x in losses), "history": history}
 
 
-def run_worker(side: str, model_dir: Path, n: int, work: Path) -> dict:
-    done = work / f"{side}.json"
-    if done.is_file() and (work / f"{side}-merged" / "config.json").is_file():
-        log(f"{side}: already trained in {work}")
-        return json.loads(done.read_text())
-    log(f"{side}: training on {n} pairs")
-    proc = subprocess.run([sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir),
-                           "--pairs", str(n), "--work", str(work), "--max-length", str(MAX_LENGTH)], cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{side} worker failed with exit code {proc.returncode}")
-    return json.loads(done.read_text())
+def train_both(model_dir: Path, n: int, work: Path) -> dict:
+    """Both sides in their own subprocess at once (on a shared machine two at a time finish sooner)."""
+    procs = {}
+    for side in ("ours", "stock"):
+        if (work / f"{side}.json").is_file() and (work / f"{side}-merged" / "config.json").is_file():
+            log(f"{side}: already trained in {work}")
+            continue
+        log(f"{side}: training on {n} pairs")
+        procs[side] = subprocess.Popen([sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir),
+                                        "--pairs", str(n), "--work", str(work), "--max-length", str(MAX_LENGTH)],
+                                       cwd=ROOT, stdout=open(work / f"{side}.log", "w"), stderr=subprocess.STDOUT)
+    for side, proc in procs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"{side} worker failed with exit code {proc.returncode}; see {work / (side + '.log')}")
+    return {side: json.loads((work / f"{side}.json").read_text()) for side in ("ours", "stock")}
 
 
 def worker(side: str, model_dir: Path, n: int, work: Path) -> None:
@@ -219,7 +223,7 @@ def main() -> None:
 
     base = resolve_base_model("smollm2-135m-instruct", work / "models")
     started = utc_now()
-    train = {side: run_worker(side, base, a.pairs, work) for side in ("ours", "stock")}
+    train = train_both(base, a.pairs, work)
     if a.stage == "train":
         return
     models = {"base": base, "ours": work / "ours-merged", "stock": work / "stock-merged"}
