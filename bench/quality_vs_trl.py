@@ -212,6 +212,8 @@ def main() -> None:
     ap.add_argument("--eval-pairs", type=int, default=200, help="held-out pairs of eval.jsonl scored per model")
     ap.add_argument("--worker", choices=["ours", "stock"])
     ap.add_argument("--stage", choices=["all", "train"], default="all")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help="base model name for resolve_base_model (tiny-random-llama: a smoke run of this script)")
     a = ap.parse_args()
     MAX_LENGTH = a.max_length
     work = Path(a.work)
@@ -221,7 +223,7 @@ def main() -> None:
         return
     from orpo_pipeline.models.base import resolve_base_model
 
-    base = resolve_base_model("smollm2-135m-instruct", work / "models")
+    base = resolve_base_model(a.model, work / "models")
     started = utc_now()
     train = train_both(base, a.pairs, work)
     if a.stage == "train":
@@ -243,7 +245,7 @@ def main() -> None:
         scores[name] = s
     result = {
         "benchmark": "quality_vs_trl", "started_utc": started, "finished_utc": utc_now(), "device": describe_device(),
-        "config": {"pairs": a.pairs, "max_length": MAX_LENGTH, "lm_eval_limit": a.limit, "eval_pairs": a.eval_pairs, "train_settings":
+        "config": {"model": a.model, "pairs": a.pairs, "max_length": MAX_LENGTH, "lm_eval_limit": a.limit, "eval_pairs": a.eval_pairs, "train_settings":
                    settings().model_dump(), "train_data": str(TRAIN), "eval_data": str(EVAL)},
         "training": {k: {kk: vv for kk, vv in v.items() if kk != "history"} | {"final_logs": v["history"][-2:]}
                      for k, v in train.items()},
@@ -251,7 +253,8 @@ def main() -> None:
         "verdict": verdict(scores),
     }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"quality_vs_trl-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    smoke = "" if a.model == "smollm2-135m-instruct" else f"_{a.model}"
+    path = RESULTS / f"quality_vs_trl{smoke}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     log(f"wrote {path}")
     print(json.dumps(result["verdict"], indent=1))
