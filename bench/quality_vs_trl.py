@@ -96,7 +96,7 @@ def worker_ours(model_dir: Path, n: int, out: Path) -> dict:
     split = tokenize_pairs(as_table(train_pairs(n), TRAIN.name), tok, max_length=MAX_LENGTH)
     result = train_orpo_adapter(model_dir, split.dataset, out, settings(), MAX_LENGTH, device="cpu")
     return {"pairs_trained": len(split.dataset), "dropped": len(split.dropped), "steps": result.global_steps,
-            "train_runtime_s": result.train_runtime_s, "all_losses_finite": result.all_losses_finite,
+            "train_runtime_s": result.train_runtime_s, "all_logged_losses_finite": result.all_losses_finite,
             "history": result.history}
 
 
@@ -148,8 +148,11 @@ def worker_stock(model_dir: Path, n: int, out: Path) -> dict:
     trainer.save_model(str(out))
     tok.save_pretrained(out)
     losses = [h["loss"] for h in history if "loss" in h]
+    empty = sum(all(x == -100 for x in c) or all(x == -100 for x in r) for c, r in
+                zip(trainer.train_dataset["chosen_labels"], trainer.train_dataset["rejected_labels"]))
     return {"pairs_trained": len(ds), "steps": res.global_step, "train_runtime_s": runtime,
-            "all_losses_finite": all(math.isfinite(x) for x in losses), "history": history}
+            "all_logged_losses_finite": all(math.isfinite(x) for x in losses) if losses else None,
+            "pairs_with_an_empty_completion": empty, "history": history}
 
 
 def train_both(model_dir: Path, n: int, work: Path) -> dict:
@@ -175,8 +178,18 @@ def worker(side: str, model_dir: Path, n: int, work: Path) -> None:
     adapter = work / f"{side}-adapter"
     info = (worker_ours if side == "ours" else worker_stock)(model_dir, n, adapter)
     merge_adapter(model_dir, adapter, work / f"{side}-merged", dtype="fp32")
+    info["merged_weights_finite"] = weights_finite(work / f"{side}-merged")
     (work / f"{side}.json").write_text(json.dumps(info, indent=1))
     log(f"{side}: {info['steps']} steps in {info['train_runtime_s']:.0f} s")
+
+
+def weights_finite(model_dir: Path) -> bool:
+    """A NaN loss can leave NaN weights while the Trainer's logged loss hides it (logging_nan_inf_filter)."""
+    import torch
+    from safetensors.torch import load_file
+
+    return all(bool(torch.isfinite(t).all()) for f in sorted(model_dir.glob("*.safetensors"))
+               for t in load_file(str(f)).values() if t.is_floating_point())
 
 
 def preference_accuracy(model_dir: Path, tokenizer_dir: Path, max_pairs: int) -> dict:
@@ -272,9 +285,10 @@ def verdict(scores: dict) -> dict:
     rows = {}
     for m in ours:
         (o, oe), (s, se), (b, _) = ours[m], stock[m], base[m]
+        # a NaN score (NaN weights) loses every comparison
         rows[m] = {"base": b, "ours": o, "stock": s, "ours_minus_stock": o - s,
                    "combined_stderr": math.hypot(oe, se),
-                   "ours_at_least_stock_within_stderr": o >= s - math.hypot(oe, se)}
+                   "ours_at_least_stock_within_stderr": math.isnan(s) or o >= s - math.hypot(oe, se)}
     return {"per_metric": rows,
             "ours_at_least_stock_on_every_metric": all(r["ours_at_least_stock_within_stderr"] for r in rows.values()),
             "ours_ahead_of_base_on_preference_accuracy": ours["preference_accuracy"][0] > base["preference_accuracy"][0]}

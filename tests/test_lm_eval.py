@@ -132,7 +132,7 @@ def test_local_and_user_tasks_score_base_and_tuned(two_runs):
     full = json.loads(Path(client.download_artifacts(two_runs["run1"], "lm_eval/results_tuned.json")).read_text())
     assert {"local_arc_easy", "local_boolq", "local_bigbench_snarks", "my_team_task"} <= set(full["results"])
     card = (merged / "README.md").read_text()
-    assert "## Lm-eval benchmarks" in card and "arc_easy" in card and card.startswith("# tiny")
+    assert "## Benchmarks (lm-eval)" in card and "arc_easy" in card and card.startswith("# tiny")
     tags = client.get_model_version(NAME, two_runs["v1"]).tags
     assert float(tags["lm_eval.arc_easy/average"]) == pytest.approx(out["scores"]["tuned"]["arc_easy/average"], abs=1e-6)
 

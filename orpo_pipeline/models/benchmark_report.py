@@ -97,7 +97,7 @@ def card_section(nous: str, tasks: str, skipped: str, settings: dict) -> str:
 def upsert_section(readme: str, body: str, name: str = SECTION) -> str:
     """The card with its `## name` section (between markers) replaced by `body`, or appended."""
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    block = f"{start}\n## {name[0].upper()}{name[1:]}\n\n{body.rstrip()}\n{end}\n"
+    block = f"{start}\n## Benchmarks (lm-eval)\n\n{body.rstrip()}\n{end}\n"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
     if pattern.search(readme):
         return pattern.sub(lambda _: block, readme)
