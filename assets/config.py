@@ -8,7 +8,8 @@ setup), instead of when each asset builds its config.
 import dagster as dg
 from pydantic import Field, ValidationError
 
-from orpo_pipeline.config import CleanSettings, EvalSettings, ModelSettings, ReadSettings, TokenizeSettings, TrainSettings
+from orpo_pipeline.config import (CleanSettings, EvalSettings, LmEvalSettings, ModelSettings, PromotionSettings,
+                                  ReadSettings, TokenizeSettings, TrainSettings)
 
 
 class ReadConfig(dg.Config, ReadSettings):
@@ -35,4 +36,12 @@ class TrainConfig(dg.Config, TrainSettings):
 
 
 class EvalConfig(dg.Config, EvalSettings):
+    pass
+
+
+class LmEvalConfig(dg.Config, LmEvalSettings):
+    pass
+
+
+class PromotionConfig(dg.Config, PromotionSettings):
     pass

@@ -264,6 +264,7 @@ def benchmark_scores(
     import datasets
     import mlflow
 
+    from orpo_pipeline.models.benchmark_report import kept_section
     from orpo_pipeline.models.evaluate import benchmark_model
     from orpo_pipeline.models.merge import model_card
 
@@ -294,13 +295,19 @@ def benchmark_scores(
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"eval/{n}/{m}": scores[n][m] for n in scores for m in metrics})
         mlflow.log_dict(scores, "benchmark_scores.json")
+    # same digest = same eval pairs and cap: the promotion compares only scores taken so
+    digest = hashlib.sha256(f"{tokenized_dataset['digest']}|{config.max_eval_pairs}".encode()).hexdigest()[:16]
     for m in metrics:
         client.set_model_version_tag(mlflow_tracking.registered_model_name, merged_model["model_version"],
                                      f"eval.{m}", f"{scores['tuned'][m]:.4f}")
-    # the card written at merge time cannot know the scores yet
+    client.set_model_version_tag(mlflow_tracking.registered_model_name, merged_model["model_version"],
+                                 "eval.settings_digest", digest)
+    # the card written at merge time cannot know the scores yet; lm_eval_scores' section of it is kept
     card = dict(merged_model["card"], scores={f"{n}/{m}": round(scores[n][m], 4) for n in scores for m in metrics})
-    with atomic_file(Path(merged_model["dir"]) / "README.md") as tmp:
-        tmp.write_text(model_card(card))
+    readme = Path(merged_model["dir"]) / "README.md"
+    kept = kept_section(readme.read_text()) if readme.is_file() else ""
+    with atomic_file(readme) as tmp:
+        tmp.write_text(model_card(card) + ("\n" + kept if kept else ""))
     context.add_output_metadata(
         {
             "scores": dg.MetadataValue.md(table),
@@ -315,5 +322,6 @@ def benchmark_scores(
     out["model_version"] = str(merged_model["model_version"])
     out["champion_version"] = str(champion.version) if champion is not None else None
     out["mlflow_run_id"] = run_id
+    out["settings_digest"] = digest
     return dg.Output(out, data_version=dg.DataVersion(combined_version(json.dumps(
         {n: {m: round(v, 4) for m, v in ms.items()} for n, ms in out.items() if isinstance(ms, dict)}, sort_keys=True))))

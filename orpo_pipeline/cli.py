@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--hf-split", default="train")
     run.add_argument("--hf-config", default="")
     run.add_argument("-c", "--config", help="run config YAML (ops: / resources:), as in the launchpad")
+    run.add_argument("--eval-data", default="", help="benchmark folder (layout of ../shared/data/benchmarks) for "
+                     "lm_eval_scores: the Nous suite and IFEval run offline over its files")
     reg = sub.add_parser("register", help="add preference files as partitions without running")
     reg.add_argument("paths", nargs="+")
     args = parser.parse_args(argv)
@@ -72,12 +74,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "register":
         return 0
     keys = registered_keys(instance)
-    run_config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    run_config = (yaml.safe_load(Path(args.config).read_text()) if args.config else None) or {}
+    if args.eval_data:
+        folder = Path(args.eval_data).expanduser().resolve()
+        if not folder.is_dir():
+            print(f"error: --eval-data {folder} is not a folder", file=sys.stderr)
+            return 2
+        lm = run_config.setdefault("ops", {}).setdefault("lm_eval_scores", {}).setdefault("config", {})
+        lm["benchmark_dir"] = str(folder)
     job = defs.resolve_job_def("orpo_training_job")
     result = job.execute_in_process(instance=instance, run_config=run_config, tags=range_tags(keys))
     scores = result.output_for_node("benchmark_scores")
     print("\nheld-out preference accuracy: " + ", ".join(
         f"{n} {scores[n]['preference_accuracy']:.3f}" for n in ("base", "tuned", "champion") if n in scores))
+    lm = result.output_for_node("lm_eval_scores")
+    for key in ("nous/average", "ifeval/average"):
+        if key in lm["scores"]["tuned"]:
+            print(f"lm-eval {key}: base {lm['scores']['base'][key]:.4f}, tuned {lm['scores']['tuned'][key]:.4f}")
+    for suite, why in lm["skipped"].items():
+        print(f"lm-eval {suite} skipped: {why}")
+    promotion = result.output_for_node("champion_promotion")
+    print(f"champion: {promotion['reason']} (alias on v{promotion['champion_now']})")
     return 0 if result.success else 1
 
 

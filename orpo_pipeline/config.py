@@ -225,6 +225,62 @@ class EvalSettings(BaseModel):
     max_new_tokens: int = Field(48, gt=0, description="Longest generated answer per prompt, in tokens.")
 
 
+# per-task documents on CPU when `limit` is auto: base + tuned SmolLM2-135M over the Nous suite stay within minutes
+# on 2 cores (bench/README.md, "Benchmarks"); the suite in full is for a GPU
+CPU_DEFAULT_LIMIT = 5
+CPU_MAX_GEN_TOKS = 256
+
+
+class LmEvalSettings(BaseModel):
+    """Standard benchmarks through lm-evaluation-harness, base and tuned model under the same settings."""
+
+    suites: list[str] = Field(
+        default_factory=lambda: ["nous", "ifeval"],
+        description="'nous' (AGIEval English, GPT4All, TruthfulQA MC2, BigBench multiple choice), 'ifeval', any "
+        "lm-eval task or group name, or a task from one of task_dirs. Empty: benchmark nothing.",
+    )
+    benchmark_dir: str = Field(
+        "", description="Folder of benchmark release files in the layout of ../shared/data/benchmarks (its README "
+        "lists them); tasks are built over these files, offline. Empty: lm-eval's hub datasets where the hub can "
+        "be reached, else every suite is recorded as skipped.",
+    )
+    task_dirs: list[str] = Field(
+        default_factory=list, description="Folders of your own lm-eval task YAMLs (lm-eval's include path); name "
+        "their tasks in suites.",
+    )
+    limit: int = Field(
+        -1, ge=-1, description=f"Documents per task. -1: auto ({CPU_DEFAULT_LIMIT} on CPU, all on CUDA); 0: all.",
+    )
+    num_fewshot: int = Field(-1, ge=-1, description="Few-shot examples per prompt. -1: each task's default (the "
+                             "Nous suite is zero-shot).")
+    apply_chat_template: bool = Field(
+        False, description="Prompt through the model's chat template (the Nous figures are without it).",
+    )
+    batch_size: str = Field(
+        "auto", description="lm-eval batch size. auto: lm-eval's largest-that-fits on CUDA, 8 on CPU (where "
+        "probing for the largest batch would exhaust RAM instead of failing).",
+    )
+    max_gen_toks: int = Field(
+        -1, ge=-1, description=f"Cap on generated tokens (IFEval). -1: auto ({CPU_MAX_GEN_TOKS} on CPU, the "
+        "task's own on CUDA); 0: the task's own.",
+    )
+    score_champion: bool = Field(
+        True, description="Also score the champion model version with these settings when its recorded scores "
+        "were taken under other settings (promotion on an lm-eval metric compares like with like).",
+    )
+
+
+class PromotionSettings(BaseModel):
+    """Which score decides whether a new model version takes the 'champion' alias."""
+
+    metric: str = Field(
+        "preference_accuracy",
+        description="preference_accuracy, mean_log_odds_margin or chosen_nll (benchmark_scores; lower chosen_nll "
+        "is better), or an lm_eval_scores key such as nous/average, nous/agieval, ifeval/average, "
+        "arc_easy/arc_easy/acc_norm. Tolerance: resource mlflow_tracking.champion_tolerance.",
+    )
+
+
 class PipelineSettings(BaseModel):
     """Everything at once, for the CLI and tests."""
 
@@ -234,6 +290,8 @@ class PipelineSettings(BaseModel):
     tokenize: TokenizeSettings = Field(default_factory=TokenizeSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings)
+    promotion: PromotionSettings = Field(default_factory=PromotionSettings)
 
 
 # the settings model behind each asset's launchpad config (the Dagster Config classes in assets/config.py inherit them)
@@ -244,6 +302,8 @@ ASSET_SETTINGS: dict[str, type[BaseModel]] = {
     "tokenized_dataset": TokenizeSettings,
     "orpo_adapter": TrainSettings,
     "benchmark_scores": EvalSettings,
+    "lm_eval_scores": LmEvalSettings,
+    "champion_promotion": PromotionSettings,
 }
 
 

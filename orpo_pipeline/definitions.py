@@ -2,13 +2,13 @@
 
 import dagster as dg
 
-from assets import champion, model, preferences
+from assets import benchmarks, champion, model, preferences
 from assets.hf_import import import_hf_dataset
 from assets.retraining import ingest_and_train_job, preference_drop_sensor, retrain_job, retrain_schedule
 from resources import ComputeResource, MlflowResource, StorageResource
 from resources.io_manager import ArtifactHandleIOManager
 
-all_assets = dg.load_assets_from_modules([preferences, model])
+all_assets = dg.load_assets_from_modules([preferences, model, benchmarks, champion])
 all_checks = dg.load_asset_checks_from_modules([preferences, model, champion])
 
 STORAGE = StorageResource()

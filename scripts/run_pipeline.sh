@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Set up, then materialize every asset on the embedded default (SmolLM2-135M-Instruct, shipped sample data).
+# Options go to `orpo_pipeline.cli run`, e.g. --eval-data ../shared/data/benchmarks (lm-eval suites offline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -47,7 +47,7 @@ def pipeline_run(tmp_path_factory, tiny_model_dir, model_cache):
 
 
 ASSETS = ["raw_preferences", "cleaned_preferences", "tokenized_dataset", "base_model", "orpo_adapter", "merged_model",
-          "benchmark_scores"]
+          "benchmark_scores", "lm_eval_scores", "champion_promotion"]
 
 
 def test_every_asset_materializes_and_checks_pass(pipeline_run):
@@ -58,7 +58,7 @@ def test_every_asset_materializes_and_checks_pass(pipeline_run):
     assert evaluations == {"cleaned_not_empty": True, "cleaned_has_no_nulls": True,
                            "no_train_eval_prompt_overlap": True, "rejects_share_under_ceiling": False,
                            "rows_in_equal_kept_plus_rejected": True,
-                           "champion_gate": True}
+                           "champion_alias_matches_decision": True}
     # the shipped dirty.jsonl rejects 10 of its 16 rows: the ceiling check warns about exactly that file
     ceiling = next(e for e in result.get_asset_check_evaluations() if e.check_name == "rejects_share_under_ceiling")
     assert ceiling.severity == dg.AssetCheckSeverity.WARN and ceiling.metadata["over_ceiling"].value == 1
@@ -108,6 +108,8 @@ def test_artifacts_exist_and_load(pipeline_run, tmp_path):
     assert model.config.vocab_size == len(tok)
     card = (merged_dir / "README.md").read_text()
     assert "tiny-random-llama" in card and "preference_accuracy" in card
+    # lm_eval_scores' section survives benchmark_scores rewriting the card, whichever of the two ran first
+    assert "## Benchmarks (lm-eval)" in card and "**nous** skipped" in card
     # no temp folders left behind by atomic writes
     assert not list(state.rglob(".*tmp-*"))
 
