@@ -5,7 +5,7 @@ as one TRL-standard JSONL file of N lines, unparseable rows as malformed lines. 
 materializes both assets for that one partition on a fresh Dagster instance and storage root, in its own process,
 so its peak RSS is its own:
 
-- "batched": the default DataSettings.batch_rows (50,000): a file is parsed, written and cleaned a batch at a time;
+- "batched": the default ReadSettings.batch_rows (50,000): a file is parsed, written and cleaned a batch at a time;
 - "whole file" (the baseline, what the assets did before batch_rows): batch_rows >= N, one table for the file.
 
 Both must write the same partition (same kept and rejected rows, same digest). Figures: wall and CPU seconds of

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from orpo_pipeline.data.clean import REASONS, clean_preferences, reasons_by_source, rows_accounting
-from orpo_pipeline.config import SAMPLE_DATA_DIR, DataSettings
+from orpo_pipeline.config import SAMPLE_DATA_DIR, CleanSettings, ReadSettings
 from orpo_pipeline.data.ingest import FORMATS, PreferenceFormatError, iter_records, read_preference_dir, records_to_table
 
 from .conftest import SHARED, ULTRAFEEDBACK
@@ -243,10 +243,10 @@ def test_unknown_layout_error_lists_columns_and_every_format(tmp_path):
 
 
 def test_format_setting_offers_exactly_the_known_formats():
-    annotation = DataSettings.model_fields["format"].annotation
+    annotation = ReadSettings.model_fields["format"].annotation
     assert list(typing.get_args(annotation)) == ["auto", *FORMATS]
-    settings = DataSettings()
-    assert (settings.format, settings.column_mapping, settings.min_score_margin) == ("auto", {}, None)
+    settings = ReadSettings()
+    assert (settings.format, settings.column_mapping, CleanSettings().min_score_margin) == ("auto", {}, None)
 
 
 def faulty(base, *overrides):
