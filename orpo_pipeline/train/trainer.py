@@ -542,8 +542,14 @@ def train_orpo_adapter(
     device: str = "auto",
     on_log: LogFn | None = None,
     adapter_init: Path | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    resume_from_checkpoint: Path | None = None,
 ) -> TrainResult:
-    """Train and atomically save the adapter (+ tokenizer, metrics) into `output_dir` (rank 0 writes)."""
+    """Train and atomically save the adapter (+ tokenizer, metrics) into `output_dir` (rank 0 writes).
+
+    `callbacks` join the Trainer's (a launcher's checkpoint reporting); `resume_from_checkpoint` is a
+    Trainer checkpoint folder whose weights, optimizer, scheduler and RNG states the run continues from.
+    """
     device = pick_device(device)
     torch.manual_seed(settings.seed)
     model, tokenizer = load_lora_model(Path(model_dir), settings, device, adapter_init)
@@ -562,13 +568,13 @@ def train_orpo_adapter(
             args=orpo_args(settings, Path(scratch), device, max_length),
             train_dataset=data,
             processing_class=tokenizer,
-            callbacks=[progress],
+            callbacks=[progress, *(callbacks or [])],
             loss_impl=settings.loss_impl,
             shared_prompt=settings.shared_prompt,
         )
         progress.trainer = trainer
         start = time.perf_counter()
-        out = trainer.train()
+        out = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
         runtime = time.perf_counter() - start
         n = trainer.accelerator.num_processes
         if n > 1 and not trainer.is_fsdp_enabled and not replicas_agree(trainer):
