@@ -41,7 +41,7 @@ def _wait_http(url: str, timeout: float, process: subprocess.Popen) -> None:
     raise TimeoutError(f"the Ray head did not answer {url} within {timeout:.0f}s")
 
 
-def _stop(process: subprocess.Popen, timeout: float = 20) -> None:
+def _stop(process: subprocess.Popen, timeout: float = 5) -> None:
     """SIGTERM `ray start --block` and everything it started (by pid), then SIGKILL what is left."""
     try:
         family = [process.pid] + [c.pid for c in psutil.Process(process.pid).children(recursive=True)]

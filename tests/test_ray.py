@@ -2,6 +2,7 @@
 2 gloo workers submitted through dagster-ray's Pipes client, a killed worker resuming from a checkpoint,
 and tokenization as Ray Data."""
 
+import json
 import math
 import os
 import signal
@@ -111,6 +112,18 @@ def _ray_worker_pids(dashboard_url: str) -> list[int]:
     return [a.pid for a in actors]
 
 
+def _registered_checkpoint(storage: Path) -> bool:
+    """Whether Ray Train's controller has recorded a checkpoint (its snapshot file, written after every ranks'
+    report): only then does a restarted worker group get it from ray.train.get_checkpoint()."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except ValueError:  # caught mid-write
+            pass
+    return False
+
+
 def test_killed_ray_worker_resumes_from_checkpoint(cluster, train_dir, tiny_model_dir, tmp_path):
     steps = 16
     settings = TrainSettings(max_steps=steps, logging_steps=1, per_device_train_batch_size=2, precision="fp32")
@@ -130,17 +143,18 @@ def test_killed_ray_worker_resumes_from_checkpoint(cluster, train_dir, tiny_mode
 
     thread = threading.Thread(target=materialize, daemon=True)
     thread.start()
-    killed = None
+    killed, seen = None, []
     deadline = time.monotonic() + 150
     while killed is None and time.monotonic() < deadline and thread.is_alive():
-        if list(ckpts.glob("*/checkpoint_*/checkpoint/trainer_state.json")):  # one checkpoint is persisted
+        if _registered_checkpoint(ckpts):
             pids = _ray_worker_pids(cluster.dashboard_url)
+            seen.append(pids)
             if pids:
                 killed = pids[-1]
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.2)
     thread.join(timeout=240)
-    assert killed is not None, "no checkpoint appeared before the run ended"
+    assert killed is not None, f"no checkpoint, or no live worker, before the run ended: {seen[:3]}"
     assert not thread.is_alive(), "the run did not finish within 240 s of the kill"
     assert outcome["success"]
     (result,) = results
