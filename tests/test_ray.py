@@ -166,3 +166,40 @@ def test_killed_ray_worker_resumes_from_checkpoint(cluster, train_dir, tiny_mode
     # the restarted rank 0 continued after the checkpoint: its own history starts there, not at step 1
     assert min(h["step"] for h in result.history) > step
     assert all(math.isfinite(h["loss"]) for h in result.history if "loss" in h)
+
+
+def test_ray_data_tokenization_matches_the_local_path(cluster, smollm2_dir, tmp_path):
+    import polars as pl
+    import ray
+    from transformers import AutoTokenizer
+
+    from orpo_pipeline.train.ray_tokenize import tokenize_with_ray_data
+    from orpo_pipeline.train.tokenize import TOKEN_COLUMNS, dataset_digest
+
+    from .conftest import ULTRAFEEDBACK
+
+    kept = clean_preferences(records_to_table(iter_records(ULTRAFEEDBACK), "train.jsonl")).kept
+    # two partitions, as cleaned_preferences writes them; their order is the dataset's order
+    paths = []
+    for i, part in enumerate((kept.head(600), kept.slice(600))):
+        (tmp_path / f"p{i}").mkdir()
+        part.write_parquet(tmp_path / f"p{i}" / "train.parquet")
+        paths.append(str(tmp_path / f"p{i}" / "train.parquet"))
+    settings = {"max_length": 512, "min_completion_tokens": 32, "max_pair_tokens": 1400}
+    local = tokenize_pairs(pl.concat([pl.read_parquet(p) for p in paths]), AutoTokenizer.from_pretrained(smollm2_dir),
+                           **settings)
+    ray.init(address=cluster.gcs_address, log_to_driver=False)
+    try:
+        remote = tokenize_with_ray_data(paths, str(smollm2_dir), batch_rows=128, concurrency=2, num_cpus=0.5,
+                                        **settings)
+    finally:
+        ray.shutdown()
+    assert len(remote.dataset) == len(local.dataset) > 900
+    assert local.truncated_prompt + local.truncated_completion > 0 and local.dropped  # the bounds were exercised
+    assert remote.dataset["content_hash"] == local.dataset["content_hash"]
+    for column in TOKEN_COLUMNS:
+        assert remote.dataset[column] == local.dataset[column], column
+    assert dataset_digest(remote.dataset) == dataset_digest(local.dataset)
+    assert remote.dataset.features == local.dataset.features
+    assert (remote.truncated_prompt, remote.truncated_completion) == (local.truncated_prompt, local.truncated_completion)
+    assert remote.dropped == local.dropped
