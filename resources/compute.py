@@ -52,6 +52,10 @@ class ComputeResource(dg.ConfigurableResource):
     ray_max_failures: int = Field(
         default=3, ge=0, description="On Ray: worker-group restarts (from the last checkpoint) before the run fails.",
     )
+    ray_tokenize: bool = Field(
+        default=False, description="With ray_address: tokenized_dataset tokenizes as Ray Data on the cluster "
+        "(same ids as the local path), ray_workers actors. Off: in the asset's process.",
+    )
     ray_python: str = Field(
         default="python", description="On Ray: the Python on the cluster's nodes that has orpo_pipeline installed.",
     )
@@ -142,6 +146,13 @@ class ComputeResource(dg.ConfigurableResource):
                 "adapter_init": str(adapter_init) if adapter_init else None}
         run_on_ray(self, context, spec, _step_forwarder(context, on_log))
         return load_train_result(Path(output_dir))
+
+    def tokenize_on_ray(self, context, paths: dict[str, list[str]], tokenizer_dir, chat_template: str, kwargs: dict,
+                        output_dir: Path) -> dict:
+        """{split: TokenizedSplit} of each split's parquet files, tokenized as Ray Data in a Ray job (Pipes)."""
+        from .ray_client import tokenize_on_ray
+
+        return tokenize_on_ray(self, context, paths, tokenizer_dir, chat_template, kwargs, Path(output_dir))
 
     def describe(self) -> str:
         import torch

@@ -53,3 +53,36 @@ def run_on_ray(resource, context: dg.AssetExecutionContext, spec: dict, on_messa
     invocation = client.run(context=context, submit_job_params={"entrypoint": entrypoint},
                             extras={"train_spec": spec})
     return invocation.metadata
+
+
+def tokenize_on_ray(resource, context: dg.AssetExecutionContext, paths: dict[str, list[str]], tokenizer_dir: str,
+                    chat_template: str, kwargs: dict, output_dir: Path) -> dict:
+    """Tokenize each split's parquet files as Ray Data in a Ray job; return {split: TokenizedSplit}.
+
+    The job saves the DatasetDict into `output_dir` (on storage the cluster shares) and sends drops and
+    truncation counts back as one Pipes custom message; the splits returned are read from `output_dir`.
+    """
+    import datasets
+
+    from orpo_pipeline.train.tokenize import TokenizedSplit
+
+    summaries = []
+
+    def on_message(payload) -> None:
+        if isinstance(payload, dict) and "tokenized" in payload:
+            summaries.append(payload["tokenized"])
+
+    spec = {"paths": paths, "tokenizer_dir": str(tokenizer_dir), "chat_template": chat_template, "kwargs": kwargs,
+            "output_dir": str(output_dir), "concurrency": resource.ray_workers,
+            "num_cpus": float(resource.ray_resources_per_worker.get("CPU", 1))}
+    client = PipesRayJobClient(address=resource.ray_address, poll_interval=1,
+                               message_reader=StreamingRayJobMessageReader(on_message))
+    context.log.info(f"tokenizing on Ray at {resource.ray_address}: {resource.ray_workers} Ray Data actors")
+    client.run(context=context, submit_job_params={
+        "entrypoint": f"{shlex.quote(resource.ray_python)} -m orpo_pipeline.train.ray_tokenize"},
+        extras={"tokenize_spec": spec})
+    if not summaries:
+        raise dg.Failure(f"the Ray tokenization job ended without reporting its splits (output {output_dir})")
+    saved = datasets.load_from_disk(str(output_dir))
+    return {s: TokenizedSplit(dataset=saved[s], dropped=m["dropped"], truncated_prompt=m["truncated_prompt"],
+                              truncated_completion=m["truncated_completion"]) for s, m in summaries[-1].items()}

@@ -18,6 +18,11 @@ import psutil
 
 from resources.compute import free_port
 
+# a driver in this process (Ray Data in the tests) would otherwise poll for usage metrics on localhost:9090
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# a loopback-only test cluster; Ray would otherwise turn token auth on whenever ~/.ray/auth_token exists
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 
 @dataclass
 class RayHead:
@@ -69,7 +74,7 @@ def _proc(pid: int):
 
 
 @contextmanager
-def ray_head(num_cpus: int = 2, timeout: float = 90):
+def ray_head(num_cpus: int = 2, timeout: float = 240):
     """A one-node cluster: GCS, raylet, dashboard (the job server dagster-ray submits to)."""
     # Ray's socket paths must stay short; a pytest tmp_path is too long for them
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
@@ -85,12 +90,17 @@ def ray_head(num_cpus: int = 2, timeout: float = 90):
            "--port", str(port), "--num-cpus", str(num_cpus), "--num-gpus", "0", "--include-dashboard", "true",
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--object-store-memory", str(200 * 2**20),
            "--temp-dir", temp, "--disable-usage-stats"]
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    out = open(Path(temp) / "ray-start.log", "w")
+    process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{dash}"
-        _wait_http(f"{url}/api/version", timeout, process)
+        try:
+            _wait_http(f"{url}/api/version", timeout, process)
+        except (TimeoutError, RuntimeError) as e:
+            logs = [Path(temp) / "ray-start.log", *Path(temp).glob("session_latest/logs/dashboard.*")]
+            raise type(e)(f"{e}\n" + "\n".join(f"--- {p}:\n{p.read_text()[-3000:]}" for p in logs)) from None
         yield RayHead(gcs_address=f"127.0.0.1:{port}", dashboard_url=url, process=process)
     finally:
         _stop(process)
+        out.close()
         shutil.rmtree(temp, ignore_errors=True)

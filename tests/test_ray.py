@@ -169,11 +169,10 @@ def test_killed_ray_worker_resumes_from_checkpoint(cluster, train_dir, tiny_mode
 
 
 def test_ray_data_tokenization_matches_the_local_path(cluster, smollm2_dir, tmp_path):
+    """ComputeResource.tokenize_on_ray (the tokenized_dataset asset's Ray branch): a Ray job running Ray Data."""
     import polars as pl
-    import ray
     from transformers import AutoTokenizer
 
-    from orpo_pipeline.train.ray_tokenize import tokenize_with_ray_data
     from orpo_pipeline.train.tokenize import TOKEN_COLUMNS, dataset_digest
 
     from .conftest import ULTRAFEEDBACK
@@ -185,15 +184,22 @@ def test_ray_data_tokenization_matches_the_local_path(cluster, smollm2_dir, tmp_
         (tmp_path / f"p{i}").mkdir()
         part.write_parquet(tmp_path / f"p{i}" / "train.parquet")
         paths.append(str(tmp_path / f"p{i}" / "train.parquet"))
-    settings = {"max_length": 512, "min_completion_tokens": 32, "max_pair_tokens": 1400}
+    settings = {"max_length": 512, "max_prompt_length": 0, "min_completion_tokens": 32, "max_pair_tokens": 1400,
+                "min_answer_tokens": 0}
     local = tokenize_pairs(pl.concat([pl.read_parquet(p) for p in paths]), AutoTokenizer.from_pretrained(smollm2_dir),
                            **settings)
-    ray.init(address=cluster.gcs_address, log_to_driver=False)
-    try:
-        remote = tokenize_with_ray_data(paths, str(smollm2_dir), batch_rows=128, concurrency=2, num_cpus=0.5,
-                                        **settings)
-    finally:
-        ray.shutdown()
+    got = {}
+
+    @dg.asset
+    def tokenized(context: dg.AssetExecutionContext, compute: ComputeResource) -> dg.Output[dict]:
+        got.update(compute.tokenize_on_ray(context, {"train": paths}, smollm2_dir, "", settings, tmp_path / "ray"))
+        return dg.Output({})
+
+    compute = ComputeResource(ray_address=cluster.dashboard_url, ray_workers=2, ray_tokenize=True,
+                              ray_resources_per_worker={"CPU": 0.5})  # leave CPU for the parquet reads
+    with dg.instance_for_test() as instance:
+        assert dg.materialize([tokenized], resources={"compute": compute}, instance=instance).success
+    remote = got["train"]
     assert len(remote.dataset) == len(local.dataset) > 900
     assert local.truncated_prompt + local.truncated_completion > 0 and local.dropped  # the bounds were exercised
     assert remote.dataset["content_hash"] == local.dataset["content_hash"]

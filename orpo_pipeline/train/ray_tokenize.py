@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                        "truncated_completion": t.truncated_completion} for s, t in splits.items()}
         if pipes is not None:
             pipes.report_custom_message({"tokenized": summary})
-        else:
-            print(json.dumps({s: {k: v for k, v in x.items() if k != "dropped"} for s, x in summary.items()}))
+        log.info("tokenized %s", {s: (x["rows"], len(x["dropped"])) for s, x in summary.items()})
 
 
 if __name__ == "__main__":
