@@ -1,5 +1,6 @@
 """Preference data assets: raw files -> cleaned polars tables (one partition per file) -> tokenized Arrow dataset."""
 
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -12,7 +13,7 @@ from orpo_pipeline.data import ingest
 from orpo_pipeline.train import tokenize as tokenization
 from orpo_pipeline.plots import histograms_png, markdown_image, markdown_table
 from orpo_pipeline.storage import ParquetAppender, atomic_dir, write_json
-from resources import MlflowResource, StorageResource
+from resources import ComputeResource, MlflowResource, StorageResource
 
 from .config import CleanConfig, ReadConfig, TokenizeConfig
 from .versions import CODE_VERSIONS
@@ -284,6 +285,7 @@ def tokenized_dataset(
     base_model: dict,
     storage: StorageResource,
     mlflow_tracking: MlflowResource,
+    compute: ComputeResource,
 ) -> dg.Output[dict]:
     """All accepted pairs, chat-templated and tokenized once in the trainer's layout; pairs that cannot fit are dropped with a reason."""
     import datasets
@@ -301,7 +303,13 @@ def tokenized_dataset(
     if added:
         context.log.info(f"chat_template added tokens {tokenizer.convert_ids_to_tokens(added)}")
     kwargs = config.model_dump(exclude={"chat_template"})  # every other setting is tokenize_pairs' keyword
-    splits = {s: tokenization.tokenize_pairs(t, tokenizer, **kwargs) for s, t in tables.items()}
+    scratch = None
+    if compute.ray_address and compute.ray_tokenize:  # Ray Data on the cluster: the same ids
+        scratch = storage.artifact_dir("tokenized_dataset", f".{context.run.run_id}.ray")
+        paths = {s: [str(folder / f"{s}.parquet") for _, folder in parts] for s in tables}
+        splits = compute.tokenize_on_ray(context, paths, base_model["path"], config.chat_template, kwargs, scratch)
+    else:
+        splits = {s: tokenization.tokenize_pairs(t, tokenizer, **kwargs) for s, t in tables.items()}
     dropped = [d | {"split": s} for s, t in splits.items() for d in t.dropped]
     dropped_counts = {r: sum(d["reason"] == r for d in dropped) for r in tokenization.DROP_REASONS}
     for d in dropped[:20]:
@@ -316,6 +324,8 @@ def tokenized_dataset(
         hist = _token_histogram(splits["train"].dataset, tmp / "token_lengths.png")
         write_json(tmp / "tokenize_config.json", kwargs | {"digest": digest, "base_model": base_model["path"],
                                                            "chat_template": tokenizer.chat_template})
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     train = splits["train"].dataset
     sources = [drops.load_source(storage.sources_path, k).to_json() | {"partition_key": k} for k, _ in parts]
     with mlflow_tracking.active_run(context) as run_id:
@@ -340,6 +350,7 @@ def tokenized_dataset(
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         }
     )
+    # dg.Output: after the Ray path's Pipes session Dagster takes no bare return value
     return dg.Output({"dir": str(out / "dataset"), "digest": digest, "max_length": config.max_length,
                       "cleaned_digest": cleaned_digest, "sources": sources, "chat_template": config.chat_template},
                      data_version=dg.DataVersion(digest))

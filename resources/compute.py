@@ -29,6 +29,36 @@ class ComputeResource(dg.ConfigurableResource):
         default="ddp",
         description="With num_processes > 1: ddp keeps a full model copy per process; fsdp shards it (CUDA only).",
     )
+    # Ray: a third way to train, on a cluster (resources/ray_client.py); empty ray_address leaves the above as is
+    ray_address: str = Field(
+        default="", description="Ray dashboard address of a cluster (http://head:8265); set, training runs there as "
+        "a Ray Train job of ray_workers workers, submitted through Dagster Pipes. Empty: train on this machine.",
+    )
+    ray_workers: int = Field(
+        default=2, ge=1, description="Ray Train workers (one per GPU on GPU nodes; each uses ray_resources_per_worker)."
+    )
+    ray_resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Ray resources each worker reserves, e.g. {CPU: 8, GPU: 1}; "
+        "empty: Ray's default (1 CPU, plus 1 GPU when the workers train on CUDA).",
+    )
+    ray_storage_path: str = Field(
+        default="", description="Where Ray Train keeps checkpoints: a path every node mounts, or an s3:// / gs:// "
+        "URI. Empty: beside the adapter under the storage root (which must then be shared by the cluster).",
+    )
+    ray_checkpoint_steps: int = Field(
+        default=50, ge=1, description="On Ray: save a checkpoint every this many optimizer steps; a lost worker "
+        "costs at most this many steps.",
+    )
+    ray_max_failures: int = Field(
+        default=3, ge=0, description="On Ray: worker-group restarts (from the last checkpoint) before the run fails.",
+    )
+    ray_tokenize: bool = Field(
+        default=False, description="With ray_address: tokenized_dataset tokenizes as Ray Data on the cluster "
+        "(same ids as the local path), ray_workers actors. Off: in the asset's process.",
+    )
+    ray_python: str = Field(
+        default="python", description="On Ray: the Python on the cluster's nodes that has orpo_pipeline installed.",
+    )
 
     def resolve_device(self) -> str:
         from orpo_pipeline.train.trainer import pick_device
@@ -43,6 +73,10 @@ class ComputeResource(dg.ConfigurableResource):
         With num_processes > 1 this opens a Dagster Pipes session, after which Dagster takes only typed
         results from the asset: it must return dg.Output(value) (or a MaterializeResult), not a bare value.
         """
+        if self.ray_address:
+            return self._launch_ray(context, model_dir=model_dir, train_dataset_dir=train_dataset_dir,
+                                    output_dir=output_dir, settings=settings, max_length=max_length, on_log=on_log,
+                                    adapter_init=adapter_init)
         device = self.resolve_device()
         if self.num_processes > 1:
             return self._launch(context, device, model_dir=model_dir, train_dataset_dir=train_dataset_dir,
@@ -103,14 +137,54 @@ class ComputeResource(dg.ConfigurableResource):
             client.run(context=context, command=cmd)  # a failed rank fails this step; stderr is in its logs
         return load_train_result(Path(output_dir))
 
+    def _launch_ray(self, context, *, model_dir, train_dataset_dir, output_dir, settings, max_length, on_log,
+                    adapter_init):
+        from orpo_pipeline.train.trainer import load_train_result
+
+        from .ray_client import run_on_ray
+
+        # the workers pick their device: the Dagster machine may have no GPU while the cluster does
+        spec = {"model_dir": str(model_dir), "train_dataset_dir": str(train_dataset_dir), "output_dir": str(output_dir),
+                "settings": settings.model_dump(), "max_length": max_length, "device": self.device,
+                "adapter_init": str(adapter_init) if adapter_init else None}
+        run_on_ray(self, context, spec, _step_forwarder(context, on_log))
+        return load_train_result(Path(output_dir))
+
+    def tokenize_on_ray(self, context, paths: dict[str, list[str]], tokenizer_dir, chat_template: str, kwargs: dict,
+                        output_dir: Path) -> dict:
+        """{split: TokenizedSplit} of each split's parquet files, tokenized as Ray Data in a Ray job (Pipes)."""
+        from .ray_client import tokenize_on_ray
+
+        return tokenize_on_ray(self, context, paths, tokenizer_dir, chat_template, kwargs, Path(output_dir))
+
     def describe(self) -> str:
         import torch
+
+        if self.ray_address:
+            return f"Ray cluster {self.ray_address} ({self.ray_workers} workers, {self.distributed})"
 
         device = self.resolve_device()
         procs = f", {self.num_processes} processes ({self.distributed})" if self.num_processes > 1 else ""
         if device == "cuda":
             return f"cuda ({torch.cuda.get_device_name()}, {torch.cuda.device_count()} visible{procs})"
         return f"cpu ({torch.get_num_threads()} threads{procs})"
+
+
+def _step_forwarder(context, on_log):
+    """Pipes custom messages from rank 0 -> on_log(step, logs); a resume notice goes to the run log."""
+
+    def on_message(payload) -> None:
+        if isinstance(payload, dict) and "resumed_from_step" in payload:
+            context.log.info(f"Ray restarted the workers: resumed from the checkpoint at step "
+                             f"{payload['resumed_from_step']}")
+        if on_log is None or not isinstance(payload, dict) or "step" not in payload:
+            return
+        try:
+            on_log(int(payload["step"]), payload["logs"])
+        except Exception as e:  # raised in Pipes' reader thread, it would drop every later message
+            context.log.warning(f"on_log failed for streamed step {payload['step']}: {e!r}")
+
+    return on_message
 
 
 class StreamingMessageReader(dg.PipesTempFileMessageReader):

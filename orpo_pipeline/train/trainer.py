@@ -166,8 +166,14 @@ def train_orpo_adapter(
     on_log: LogFn | None = None,
     adapter_init: Path | None = None,
     checkpoint_dir: Path | None = None,
+    callbacks_extra: list[TrainerCallback] | None = None,
+    resume_from_checkpoint: Path | None = None,
 ) -> TrainResult:
-    """Train and atomically save the adapter (+ tokenizer, metrics) into `output_dir` (rank 0 writes)."""
+    """Train and atomically save the adapter (+ tokenizer, metrics) into `output_dir` (rank 0 writes).
+
+    `callbacks_extra` join the Trainer's (a launcher's checkpoint reporting); `resume_from_checkpoint` is a
+    Trainer checkpoint folder whose weights, optimizer, scheduler and RNG states the run continues from.
+    """
     device = pick_device(device)
     torch.manual_seed(settings.seed)
     model, tokenizer = load_lora_model(Path(model_dir), settings, device, adapter_init)
@@ -188,6 +194,9 @@ def train_orpo_adapter(
         if settings.save_minutes > 0:
             callbacks.append(SaveEveryMinutes(settings.save_minutes))
         resume_from = last_complete_checkpoint(checkpoint_dir) if settings.resume else None
+    callbacks += callbacks_extra or []
+    if resume_from_checkpoint is not None:
+        resume_from = Path(resume_from_checkpoint)
     with tempfile.TemporaryDirectory(prefix="orpo-trainer-") as scratch:
         trainer = PretokenizedORPOTrainer(
             model=model,
