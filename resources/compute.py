@@ -13,6 +13,8 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
+from .pipes import StreamingMessageReader
+
 
 class ComputeResource(dg.ConfigurableResource):
     """Device for training and evaluation. Training assets using it run in the Dagster pool `gpu`."""
@@ -185,32 +187,6 @@ def _step_forwarder(context, on_log):
             context.log.warning(f"on_log failed for streamed step {payload['step']}: {e!r}")
 
     return on_message
-
-
-class StreamingMessageReader(dg.PipesTempFileMessageReader):
-    """Hands each Pipes custom message to `on_message` as it arrives (the stock handler only keeps a list)."""
-
-    def __init__(self, on_message):
-        super().__init__()
-        self.on_message = on_message
-
-    @contextmanager
-    def read_messages(self, handler):
-        with super().read_messages(_Tap(handler, self.on_message)) as params:
-            yield params
-
-
-class _Tap:
-    def __init__(self, handler, on_message):
-        self._handler, self._on_message = handler, on_message
-
-    def __getattr__(self, name):
-        return getattr(self._handler, name)
-
-    def handle_message(self, message) -> None:
-        self._handler.handle_message(message)
-        if message.get("method") == "report_custom_message":
-            self._on_message(message["params"]["payload"])
 
 
 def free_port() -> int:

@@ -14,6 +14,8 @@ from pathlib import Path
 import dagster as dg
 from dagster_ray import PipesRayJobClient, PipesRayJobMessageReader
 
+from .pipes import Tap
+
 
 class StreamingRayJobMessageReader(PipesRayJobMessageReader):
     """dagster-ray's reader, handing each Pipes custom message to `on_message` as it arrives."""
@@ -24,9 +26,7 @@ class StreamingRayJobMessageReader(PipesRayJobMessageReader):
 
     @contextmanager
     def read_messages(self, handler):
-        from .compute import _Tap
-
-        with super().read_messages(_Tap(handler, self.on_message)) as params:
+        with super().read_messages(Tap(handler, self.on_message)) as params:
             yield params
 
 
