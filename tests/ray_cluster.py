@@ -22,6 +22,9 @@ from resources.compute import free_port
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # a loopback-only test cluster; Ray would otherwise turn token auth on whenever ~/.ray/auth_token exists
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray turns 127.0.0.1 into the machine's routable address (its multi-node default); this switch, named for
+# Windows/macOS but read on every platform, keeps the head, its workers and drivers on loopback only
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 @dataclass
@@ -85,6 +88,7 @@ def ray_head(num_cpus: int = 2, timeout: float = 240):
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(port), "--num-cpus", str(num_cpus), "--num-gpus", "0", "--include-dashboard", "true",
