@@ -61,8 +61,9 @@ def preference_drop_sensor(context: dg.SensorEvaluationContext, storage: Storage
     context.update_cursor(json.dumps({"done": done, "stats": stats}))
     waiting = len(stats) - len(ready)
     if not new_keys:
+        refusals = f"; not registered: {'; '.join(refused)}" if refused else ""
         return dg.SkipReason(f"no new preference files in {storage.drop_path}"
-                             + (f" ({waiting} still being written or not settled yet)" if waiting else ""))
+                             + (f" ({waiting} still being written or not settled yet)" if waiting else "") + refusals)
     names = {s.key: s.name for s in sources}
     context.log.info("new preference files: " + ", ".join(f"{names[k]} ({k})" for k in new_keys))
     # partitions were just added by register_files, so the range below resolves in this same tick

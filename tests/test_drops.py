@@ -156,3 +156,18 @@ def test_each_partition_carries_its_own_files_counts_and_name(tmp_path):
         assert dirty["rejected_by_reason"]["unparseable"] == 3 and dirty["rejected"] == 9
         assert "holds no records" in metadata(raw_preferences, keys[2])["warning"]
         assert "warning" not in metadata(raw_preferences, keys[0])
+
+
+def test_the_sensor_says_which_files_it_refused(tmp_path):
+    storage = StorageResource(root=str(tmp_path / "state"))
+    storage.drop_path.mkdir(parents=True)
+    (storage.drop_path / "passwd.jsonl").symlink_to("/etc/passwd")
+    old = time.time() - 60
+    os.utime(storage.drop_path / "passwd.jsonl", (old, old), follow_symlinks=False)
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance, resources={"storage": storage})
+        preference_drop_sensor(ctx)  # first sighting
+        ctx = dg.build_sensor_context(instance=instance, cursor=ctx.cursor, resources={"storage": storage})
+        skip = preference_drop_sensor(ctx)
+        assert isinstance(skip, dg.SkipReason) and "not registered" in skip.skip_message
+        assert "a symbolic link (to /etc/passwd)" in skip.skip_message and registered_keys(instance) == []
