@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     reg = sub.add_parser("register", help="add preference files as partitions without running")
     reg.add_argument("paths", nargs="+")
     args = parser.parse_args(argv)
+    if getattr(args, "eval_data", "") and not Path(args.eval_data).expanduser().is_dir():
+        print(f"error: --eval-data {args.eval_data} is not a folder", file=sys.stderr)
+        return 2
 
     instance = dg.DagsterInstance.get()
     storage = StorageResource()
@@ -76,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = registered_keys(instance)
     run_config = (yaml.safe_load(Path(args.config).read_text()) if args.config else None) or {}
     if args.eval_data:
-        folder = Path(args.eval_data).expanduser().resolve()
-        if not folder.is_dir():
-            print(f"error: --eval-data {folder} is not a folder", file=sys.stderr)
-            return 2
         lm = run_config.setdefault("ops", {}).setdefault("lm_eval_scores", {}).setdefault("config", {})
-        lm["benchmark_dir"] = str(folder)
+        lm["benchmark_dir"] = str(Path(args.eval_data).expanduser().resolve())
     job = defs.resolve_job_def("orpo_training_job")
     result = job.execute_in_process(instance=instance, run_config=run_config, tags=range_tags(keys))
     scores = result.output_for_node("benchmark_scores")
