@@ -257,6 +257,19 @@ def test_no_mlflow_run_is_left_running_and_the_training_run_links_its_model(pipe
     assert f"tiny-orpo version {version.version}" in run.data.tags["mlflow.note.content"]
     assert "LoRA adapter merged" in version.description
     assert {c["name"] for c in version_signature_inputs(tracking, version)} == {"prompt"}
+    # the adapter's card is ours, not PEFT's template naming a temp folder as its base model
+    card = (Path(result.output_for_node("orpo_adapter")["dir"]) / "README.md").read_text()
+    assert "base_model: tiny-random-llama" in card and "## Trained on" in card and "dirty.jsonl" in card
+    # "Datasets used": every input has a schema and a profile
+    import json
+
+    inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
+    assert all(d.schema and d.profile for d in inputs.values())
+    dirty = json.loads(inputs["dirty.jsonl"].profile)
+    assert dirty["rows_in"] == dirty["kept"] + dirty["rejected"] and dirty["rejected_by_reason"]["unparseable"] > 0
+    assert len(dirty["file_sha256"]) == 64 and dirty["partition_key"] in dirty["file_sha256"]
+    tokens = json.loads(inputs["tokenized_dataset"].profile)
+    assert tokens["rows"]["train"] > 0 and tokens["train_prompt_tokens"]["max"] <= 112
 
 
 def version_signature_inputs(tracking, version) -> list[dict]:
