@@ -49,6 +49,25 @@ def _wait_http(url: str, timeout: float, process: subprocess.Popen) -> None:
     raise TimeoutError(f"the Ray head did not answer {url} within {timeout:.0f}s")
 
 
+def _wait_job_agent(url: str, timeout: float) -> None:
+    """Run one trivial job: the dashboard answers before its job agent can take submissions."""
+    from ray.job_submission import JobSubmissionClient
+
+    client, deadline = JobSubmissionClient(url), time.monotonic() + timeout
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    while not client.get_job_status(job).is_terminal():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the warm-up job did not end within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
 def _stop(process: subprocess.Popen, timeout: float = 5) -> None:
     """SIGTERM `ray start --block` and everything it started (by pid), then SIGKILL what is left."""
     try:
@@ -93,7 +112,10 @@ def ray_head(num_cpus: int = 2, timeout: float = 240):
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(port), "--num-cpus", str(num_cpus), "--num-gpus", "0", "--include-dashboard", "true",
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--object-store-memory", str(200 * 2**20),
-           "--temp-dir", temp, "--disable-usage-stats"]
+           "--temp-dir", temp, "--disable-usage-stats",
+           # the agents' default fixed ports would collide with any other Ray head on this machine
+           "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+           "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
     out = open(Path(temp) / "ray-start.log", "w")
     process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -103,6 +125,7 @@ def ray_head(num_cpus: int = 2, timeout: float = 240):
         except (TimeoutError, RuntimeError) as e:
             logs = [Path(temp) / "ray-start.log", *Path(temp).glob("session_latest/logs/dashboard.*")]
             raise type(e)(f"{e}\n" + "\n".join(f"--- {p}:\n{p.read_text()[-3000:]}" for p in logs)) from None
+        _wait_job_agent(url, timeout)
         yield RayHead(gcs_address=f"127.0.0.1:{port}", dashboard_url=url, process=process)
     finally:
         _stop(process)
