@@ -165,18 +165,18 @@ def test_dagster_step_killed_mid_training_is_reexecuted_from_failure_and_resumes
     assert last_complete_checkpoint(key_dir) is not None
 
     with dg.DagsterInstance.get() as instance:
-        result = dg.execute_job(dg.reconstructable(get_job), instance=instance,
-                                run_config={"ops": {"orpo_adapter": {"config": train}}},
-                                reexecution_options=dg.ReexecutionOptions.from_failure(run.run_id, instance))
-        assert result.success
-        (mat,) = [e.step_materialization_data.materialization for e in result.get_step_materialization_events()
-                  if e.step_key == "orpo_adapter"]
+        with dg.execute_job(dg.reconstructable(get_job), instance=instance,
+                            run_config={"ops": {"orpo_adapter": {"config": train}}},
+                            reexecution_options=dg.ReexecutionOptions.from_failure(run.run_id, instance)) as result:
+            assert result.success
+            (mat,) = result.asset_materializations_for_node("orpo_adapter")
     meta = {k: v.value for k, v in mat.metadata.items()}
     assert 0 < meta["resumed_from_step"] < 40 and meta["steps"] == 40
     assert not key_dir.exists()  # deleted with the adapter saved
     client = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
-    new_run = client.get_run(result.output_for_node("orpo_adapter")["mlflow_run_id"])
-    assert new_run.data.tags["resumed_from_dagster_run"] == run.run_id
+    (new_run,) = client.search_runs([client.get_experiment_by_name("orpo_pipeline").experiment_id],
+                                    filter_string=f"tags.resumed_from_dagster_run = '{run.run_id}'")
+    assert new_run.info.run_id in meta["mlflow_run"]
     old_run = new_run.data.tags["resumed_from_mlflow_run"]
     assert old_run != new_run.info.run_id
     # the old run's curve stops where the new one's starts: metrics continue at the resumed step
