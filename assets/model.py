@@ -125,20 +125,21 @@ def orpo_adapter(
         if settings.chat_template:
             raise dg.Failure("orpo_adapter's chat_template differs from the one tokenized_dataset used; set it there")
         settings = settings.model_copy(update={"chat_template": tokenized_dataset["chat_template"]})
-    adapter_init = None
+    adapter_init, init_source = None, None
     if config.init_from_champion:
         champion = mlflow_tracking.champion()
         if champion is None:
             context.log.info("init_from_champion: no champion yet, starting from the base model")
         else:
             adapter_init = Path(mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path="adapter"))
+            init_source = f"champion run {champion.run_id}"  # the download folder differs on every attempt
             context.log.info(f"starting from the adapter of champion version {champion.version}")
     device = compute.resolve_device()
     context.log.info(f"training on {compute.describe()}")
     out = storage.artifact_dir("orpo_adapter", context.run.run_id)
     key = checkpoint_key(dataset_digest=tokenized_dataset["digest"], base_model=base_model["name"], settings=settings,
                          max_length=tokenized_dataset["max_length"], num_processes=compute.num_processes,
-                         adapter_init=str(adapter_init) if adapter_init else None)
+                         adapter_init=init_source)
     checkpoint_dir = storage.root_path / "checkpoints" / key
     with mlflow_tracking.active_run(context) as run_id:
         _link_resumed_run(context, checkpoint_dir, run_id, settings.resume)

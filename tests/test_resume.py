@@ -184,3 +184,20 @@ def test_dagster_step_killed_mid_training_is_reexecuted_from_failure_and_resumes
     new_steps = [m.step for m in client.get_metric_history(new_run.info.run_id, "loss")]
     assert min(new_steps) == meta["resumed_from_step"] + 1 and max(new_steps) == 40
     assert old_steps and max(old_steps) >= meta["resumed_from_step"]
+
+
+def test_time_based_checkpoints_keep_the_last_two_complete_ones_and_go_once_the_adapter_is_saved(
+        data_dir, tiny_model_dir, tmp_path):
+    import datasets
+
+    checkpoints, seen = tmp_path / "checkpoints", {}
+
+    def on_log(step, logs):  # a step logs before it saves: step k sees the checkpoints up to k - 1
+        seen[step] = sorted(p.parent.name for p in checkpoints.glob("checkpoint-*/" + COMPLETE))
+
+    settings = SETTINGS.model_copy(update={"max_steps": 4, "save_steps": 0, "save_minutes": 1e-5})  # due every step
+    result = train_orpo_adapter(tiny_model_dir, datasets.load_from_disk(str(data_dir)), tmp_path / "adapter", settings,
+                                128, device="cpu", on_log=on_log, checkpoint_dir=checkpoints)
+    assert result.global_steps == 4 and result.resumed_from_step == 0
+    assert seen[2] == ["checkpoint-1"] and seen[4] == ["checkpoint-2", "checkpoint-3"]  # save_total_limit 2
+    assert not checkpoints.exists() and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -61,6 +61,12 @@ def discard_incomplete(root: Path) -> list[Path]:
     return gone
 
 
+def discard_all(root: Path) -> None:
+    """Start over: remove every checkpoint (resume is off, and old ones would mix into the rotation)."""
+    for _, p in _checkpoints(Path(root)):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def resumed_step(checkpoint: Path | None) -> int:
     return int(CHECKPOINT_DIR.match(checkpoint.name).group(1)) if checkpoint is not None else 0
 
@@ -70,6 +76,8 @@ class CheckpointMarker(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank has written its own RNG state into the folder
         if state.is_world_process_zero and folder.is_dir():
             write_json(folder / COMPLETE, {"step": state.global_step, "time": time.time()})
 

@@ -36,7 +36,14 @@ from trl.experimental.orpo import ORPOConfig
 
 from ..config import TrainSettings
 from ..storage import atomic_dir, write_json
-from .checkpoints import CheckpointMarker, SaveEveryMinutes, discard_incomplete, last_complete_checkpoint, resumed_step
+from .checkpoints import (
+    CheckpointMarker,
+    SaveEveryMinutes,
+    discard_all,
+    discard_incomplete,
+    last_complete_checkpoint,
+    resumed_step,
+)
 from .model_setup import (  # noqa: F401  (the training API in one place)
     check_tokenized_with,
     load_lora_model,
@@ -194,6 +201,8 @@ def train_orpo_adapter(
         )
         progress.trainer = trainer
         if checkpoint_dir is not None and trainer.is_world_process_zero():
+            if not settings.resume:
+                discard_all(checkpoint_dir)
             for stale in discard_incomplete(checkpoint_dir):
                 log.warning("removed %s: a killed run left it half-written", stale)
         if resume_from is not None:
