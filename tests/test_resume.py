@@ -173,7 +173,7 @@ def test_dagster_step_killed_mid_training_is_reexecuted_from_failure_and_resumes
     meta = {k: v.value for k, v in mat.metadata.items()}
     assert 0 < meta["resumed_from_step"] < 40 and meta["steps"] == 40
     assert not key_dir.exists()  # deleted with the adapter saved
-    client = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{state.resolve() / 'mlflow.db'}")
     (new_run,) = client.search_runs([client.get_experiment_by_name("orpo_pipeline").experiment_id],
                                     filter_string=f"tags.resumed_from_dagster_run = '{run.run_id}'")
     assert new_run.info.run_id in meta["mlflow_run"]
