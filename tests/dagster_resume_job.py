@@ -34,8 +34,8 @@ def get_job() -> dg.JobDefinition:
         assets=[tokenized_dataset, base_model, orpo_adapter],
         jobs=[dg.define_asset_job("resume_job", executor_def=dg.multiprocess_executor)],
         resources={"storage": StorageResource(root=str(state)), "compute": ComputeResource(device="cpu"),
-                   "mlflow_tracking": MlflowResource(tracking_uri=f"sqlite:///{state / 'mlflow.db'}",
-                                                     state_dir=str(state))},
+                   # no tracking_uri: the SQLite store and the artifacts both live under the state folder
+                   "mlflow_tracking": MlflowResource(state_dir=str(state))},
     )
     return defs.resolve_job_def("resume_job")
 

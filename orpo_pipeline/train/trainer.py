@@ -46,6 +46,7 @@ from .checkpoints import (
 )
 from .model_setup import (  # noqa: F401  (the training API in one place)
     check_tokenized_with,
+    cpu_has_bf16,
     load_lora_model,
     peak_memory_mb,
     pick_device,
