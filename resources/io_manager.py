@@ -28,7 +28,8 @@ class ArtifactHandleIOManager(dg.ConfigurableIOManager):
         return self.storage.root_path / "artifacts" / "/".join(asset_key.path) / f"{name}.json"
 
     def handle_output(self, context: dg.OutputContext, obj) -> None:
-        if obj is None:
+        # an op's output (import_hf_dataset's file path) feeds no asset and is in its own metadata already
+        if obj is None or not context.has_asset_key:
             return
         partition = context.asset_partition_key if context.has_asset_partitions else None
         path = self._handle_path(context.asset_key, context.run_id, partition)

@@ -48,8 +48,8 @@ def test_each_preference_asset_shows_only_the_fields_it_reads():
     repo = defs.get_repository_def()
     fields = {a.key.to_user_string(): set(getattr(a.op.config_schema.as_field().config_type, "fields", {}))
               for a in repo.assets_defs_by_key.values() if a.op.config_schema}
-    assert fields["raw_preferences"] == {"format", "column_mapping", "batch_rows"}
-    assert fields["cleaned_preferences"] == {"eval_fraction", "min_score_margin", "batch_rows"}
+    assert fields["raw_preferences"] == {"format", "column_mapping", "batch_rows", "max_record_bytes"}
+    assert fields["cleaned_preferences"] == {"eval_fraction", "min_score_margin", "batch_rows", "max_pair_chars"}
 
 
 def _errors(instance, run_id) -> str:

@@ -54,18 +54,22 @@ def _adapter_asset(compute_kwargs, settings, model_dir, train_dir, out_dir, logg
 
             client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{mlflow_db}")
             run_id = client.create_run(client.create_experiment("ray")).info.run_id
-            mlflow_log = _mlflow_step_logger(context, run_id, client)
+            mlflow_log, sink = _mlflow_step_logger(context, run_id, client)
             results.append(run_id)
         else:
-            mlflow_log = None
+            mlflow_log = sink = None
 
         def on_log(step, logs):
             logged.append((step, logs))
             if mlflow_log is not None:
                 mlflow_log(step, logs)
 
-        results.append(compute.train(context, model_dir=model_dir, train_dataset_dir=train_dir, output_dir=out_dir,
-                                     settings=settings, max_length=128, on_log=on_log))
+        try:
+            results.append(compute.train(context, model_dir=model_dir, train_dataset_dir=train_dir,
+                                         output_dir=out_dir, settings=settings, max_length=128, on_log=on_log))
+        finally:
+            if sink is not None:
+                sink.close(timeout_s=30)  # the step metrics go through a background queue: flush them
         return dg.Output({"dir": str(out_dir)})
 
     return adapter

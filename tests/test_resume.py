@@ -30,10 +30,14 @@ def data_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
     path = SAMPLE_DATA_DIR / "helpfulness.jsonl"
     kept = clean_preferences(records_to_table(iter_records(path), path.name)).kept.head(8)
-    out = tmp_path_factory.mktemp("resume") / "train"
-    tokenize_pairs(kept, AutoTokenizer.from_pretrained(tiny_model_dir), max_length=128,
-                   min_completion_tokens=16).dataset.save_to_disk(str(out))
-    return out
+    import datasets
+
+    root = tmp_path_factory.mktemp("resume")
+    train = tokenize_pairs(kept, AutoTokenizer.from_pretrained(tiny_model_dir), max_length=128,
+                           min_completion_tokens=16).dataset
+    # the layout tokenized_dataset writes (a DatasetDict), so the asset can profile it as its MLflow input
+    datasets.DatasetDict({"train": train, "eval": train.select(range(2))}).save_to_disk(str(root))
+    return root / "train"
 
 
 def _steps(path: Path) -> dict[int, dict]:

@@ -1,4 +1,4 @@
-"""The Dagster webserver loads workspace.yaml and its GraphQL API lists the seven assets with lineage."""
+"""The Dagster webserver loads workspace.yaml and its GraphQL API lists the nine assets with lineage."""
 
 import json
 import os
@@ -70,9 +70,11 @@ def test_webserver_lists_all_assets_with_lineage(webserver):
     assert nodes, f"no asset nodes within 180 s ({last_error})"
     deps = {"/".join(n["assetKey"]["path"]): {"/".join(d["path"]) for d in n["dependencyKeys"]} for n in nodes}
     assert set(deps) == {"raw_preferences", "cleaned_preferences", "tokenized_dataset", "base_model", "orpo_adapter",
-                         "merged_model", "benchmark_scores"}
+                         "merged_model", "benchmark_scores", "lm_eval_scores", "champion_promotion"}
     assert deps["cleaned_preferences"] == {"raw_preferences"}
     assert deps["tokenized_dataset"] == {"cleaned_preferences", "base_model"}
     assert deps["orpo_adapter"] == {"tokenized_dataset", "base_model"}
     assert deps["merged_model"] == {"orpo_adapter", "base_model"}
     assert deps["benchmark_scores"] == {"merged_model", "base_model", "tokenized_dataset"}
+    assert deps["lm_eval_scores"] == {"merged_model", "base_model"}
+    assert deps["champion_promotion"] == {"benchmark_scores", "lm_eval_scores"}

@@ -215,11 +215,23 @@ def _csv_row(row: dict, width: int) -> dict | RowError:
     return row
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def read_csv(path: Path, limit: int = MAX_RECORD_BYTES) -> Records:
     csv.field_size_limit(limit)
     with open(path, "rb") as f:
         reader = csv.DictReader(_csv_lines(f, path, limit))
         try:
+            # the header names every field of every row's error: it has to be text
+            bad = next((name for name in reader.fieldnames or [] if not _is_utf8(name)), None)
+            if bad is not None:
+                raise PreferenceFormatError(f"{path}:1: the header is not UTF-8 (column {bad.encode('utf-8', 'replace')!r})")
             for i, row in enumerate(reader, start=1):
                 yield i, _csv_row(row, len(reader.fieldnames or []))
         except csv.Error as e:

@@ -68,7 +68,14 @@ def discard_all(root: Path) -> None:
 
 
 def resumed_step(checkpoint: Path | None) -> int:
-    return int(CHECKPOINT_DIR.match(checkpoint.name).group(1)) if checkpoint is not None else 0
+    """The optimizer step a checkpoint was written at (0 for none)."""
+    if checkpoint is None:
+        return 0
+    if match := CHECKPOINT_DIR.match(checkpoint.name):
+        return int(match.group(1))
+    # a launcher's checkpoint (Ray Train's) has a folder name of its own; the Trainer's state file says the step
+    state = checkpoint / "trainer_state.json"
+    return int(json.loads(state.read_text())["global_step"]) if state.is_file() else 0
 
 
 class CheckpointMarker(TrainerCallback):
