@@ -122,15 +122,7 @@ class ComputeResource(dg.ConfigurableResource):
                 "adapter_init": str(adapter_init) if adapter_init else None,
                 "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
 
-        def on_message(payload) -> None:
-            if on_log is None or not isinstance(payload, dict) or "step" not in payload:
-                return
-            try:
-                on_log(int(payload["step"]), payload["logs"])
-            except Exception as e:  # raised in Pipes' reader thread, it would drop every later message
-                context.log.warning(f"on_log failed for streamed step {payload['step']}: {e!r}")
-
-        client = dg.PipesSubprocessClient(message_reader=StreamingMessageReader(on_message))
+        client = dg.PipesSubprocessClient(message_reader=StreamingMessageReader(_step_forwarder(context, on_log)))
         with tempfile.TemporaryDirectory(prefix="orpo-launch-") as tmp:
             args_json = Path(tmp) / "train_args.json"
             args_json.write_text(json.dumps(spec))
@@ -173,7 +165,8 @@ class ComputeResource(dg.ConfigurableResource):
 
 
 def _step_forwarder(context, on_log):
-    """Pipes custom messages from rank 0 -> on_log(step, logs); a resume notice goes to the run log."""
+    """Pipes custom messages from rank 0 (accelerate or Ray) -> on_log(step, logs); a Ray resume notice goes to
+    the run log."""
 
     def on_message(payload) -> None:
         if isinstance(payload, dict) and "resumed_from_step" in payload:

@@ -260,34 +260,3 @@ def loss_layout(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, t
     h = torch.cat([h, h.new_zeros(h.shape[0], 1, h.shape[2])], dim=1)
     lab = torch.cat([targets.new_full((targets.shape[0], 1), -100), targets], dim=1)
     return h, lab
-
-
-def shared_prompt_applies(model, wanted: bool) -> bool:
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if wanted and impl not in MASKABLE_ATTENTION:
-        log.info("shared_prompt is off: attention '%s' takes no custom mask (only %s do)", impl, MASKABLE_ATTENTION)
-    return wanted and impl in MASKABLE_ATTENTION
-
-
-def completion_window(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep only positions that predict a completion token, so the LM head never runs on the prompt.
-
-    Returns tensors in the loss's unshifted convention: one dummy trailing hidden column and one
-    ignored leading label column, so hidden[:, :-1] lines up with labels[:, 1:] again.
-    """
-    target = labels[:, 1:] != -100  # completions are contiguous: prompt, answer, padding
-    counts = target.sum(1)
-    width = max(int(counts.max()), 1)
-    start = target.int().argmax(1)
-    offsets = torch.arange(width, device=labels.device)
-    idx = (start[:, None] + offsets[None]).clamp(max=labels.shape[1] - 2)
-    h = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
-    lab = labels[:, 1:].gather(1, idx).masked_fill(offsets[None] >= counts[:, None], -100)
-    return loss_layout(h, lab)
-
-
-def loss_layout(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """h[:, k] predicts targets[:, k] -> the losses' unshifted convention (h[:, :-1] vs labels[:, 1:])."""
-    h = torch.cat([h, h.new_zeros(h.shape[0], 1, h.shape[2])], dim=1)
-    lab = torch.cat([targets.new_full((targets.shape[0], 1), -100), targets], dim=1)
-    return h, lab
