@@ -29,3 +29,8 @@ defs = dg.Definitions(
     # ML steps are sequential and heavy to import; one process avoids re-importing torch for every step
     executor=dg.in_process_executor,
 )
+
+
+def orpo_training_job() -> dg.JobDefinition:
+    """The resolved job, for `dg.reconstructable` (the CLI's re-execution from failure needs a reconstructable job)."""
+    return defs.resolve_job_def("orpo_training_job")

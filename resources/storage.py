@@ -2,6 +2,8 @@
 
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -11,6 +13,9 @@ from orpo_pipeline.config import check_run_config
 from orpo_pipeline.storage import sweep_dead_temp
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RUN_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# assets whose artifact is a folder per Dagster run: <root>/artifacts/<asset>/<run id>/
+RUN_FOLDER_ASSETS = ("tokenized_dataset", "orpo_adapter", "merged_model", "lm_eval_scores")
 
 
 def default_state_dir() -> str:
@@ -38,6 +43,27 @@ class StorageResource(dg.ConfigurableResource):
             for path in sweep_dead_temp(self.root_path):
                 if context.log is not None:
                     context.log.warning(f"removed {path}: left by a writer that is gone (a crash mid-write)")
+            for path in self.sweep_unmaterialized(context.instance) if context.instance is not None else []:
+                if context.log is not None:
+                    context.log.warning(f"removed {path}: written by a run that ended before materializing it "
+                                        "(killed between writing the folder and recording it)")
+
+    def sweep_unmaterialized(self, instance: dg.DagsterInstance) -> list[Path]:
+        """Remove artifact folders of failed runs that never recorded the asset (a merged model written, then
+        the process killed while registering it): nothing points at them, and a re-execution writes its own."""
+        removed = []
+        for asset in RUN_FOLDER_ASSETS:
+            folder = self.root_path / "artifacts" / asset
+            for entry in (folder.iterdir() if folder.is_dir() else []):
+                run = instance.get_run_by_id(entry.name) if RUN_ID.match(entry.name) and entry.is_dir() else None
+                if run is None or run.status != dg.DagsterRunStatus.FAILURE:
+                    continue
+                records = instance.get_records_for_run(
+                    entry.name, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+                if not any(r.event_log_entry.dagster_event.asset_key == dg.AssetKey(asset) for r in records):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+        return removed
 
     @property
     def root_path(self) -> Path:
