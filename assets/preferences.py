@@ -16,7 +16,7 @@ from orpo_pipeline.storage import ParquetAppender, atomic_dir, write_json
 from resources import ComputeResource, MlflowResource, StorageResource
 
 from .config import CleanConfig, ReadConfig, TokenizeConfig
-from .versions import CODE_VERSIONS
+from .versions import CODE_VERSIONS, combined_version
 from .partitions import preference_files, registered_keys
 
 GROUP = "preferences"
@@ -53,7 +53,16 @@ def raw_preferences(
             context.log.warning(f"{key}: {metadata['warning']}")
         context.add_asset_metadata(metadata, partition_key=key)
     run_id = mlflow_tracking.run_id_for(context.run.run_id, context.asset_key.to_user_string())
-    return dg.MaterializeResult(metadata={"mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id))})
+    return dg.MaterializeResult(metadata={"mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id))},
+                                data_version=_settings_version("raw_preferences", config))
+
+
+def _settings_version(asset: str, config: dg.Config) -> dg.DataVersion:
+    """A partition is a file by content (its key is the file's hash), so what it holds changes only with the code or
+    the settings it was read or cleaned with: one data version for every partition a run writes (Dagster records a
+    run's data version for all its partitions), the same on a refresh with the same settings."""
+    # batch_rows changes how much is held at once, not what is written
+    return dg.DataVersion(combined_version(CODE_VERSIONS[asset], config.model_dump_json(exclude={"batch_rows"})))
 
 
 def _hash_index_path(storage: StorageResource) -> Path:
@@ -165,7 +174,8 @@ def cleaned_preferences(
                            "data.eval_pairs": int(table["eval"].sum())})
         mlflow.log_artifacts(str(report_dir), artifact_path="data_quality")
     # the run's totals are in MLflow and the cleaning report; each partition carries its own file's counts
-    return dg.MaterializeResult(metadata={**extra, "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id))})
+    return dg.MaterializeResult(metadata={**extra, "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id))},
+                                data_version=_settings_version("cleaned_preferences", config))
 
 
 def accepted_partitions(instance: dg.DagsterInstance, storage: StorageResource) -> list[tuple[str, Path]]:

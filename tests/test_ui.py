@@ -130,8 +130,38 @@ def test_every_asset_path_points_at_its_artifact_not_a_pickle(deployment):
         assert not (deployment["home"] / "storage" / asset).exists()  # no pickle in dagster_home, as before
 
 
+PARTITIONS = """{ assetNodeOrError(assetKey: {path: ["%s"]}) { ... on AssetNode { partitionKeys
+  assetMaterializations(partitions: %s) { partition metadataEntries { label __typename
+    ... on IntMetadataEntry { intValue } ... on TextMetadataEntry { text } } } } } }"""
+
+
+def test_each_partition_page_shows_its_own_files_counts(deployment):
+    """What a partition's page renders: its own file's name and counts, not the run's totals (GraphQL, as the UI)."""
+    import json as _json
+
+    port = deployment["dagster"]
+    with dg.DagsterInstance.from_config(str(deployment["home"])) as instance:
+        keys = list(instance.get_dynamic_partitions("preference_files"))
+    lines = {"factual.jsonl": 72, "dirty.jsonl": 16}
+    seen = {}
+    for asset in ("raw_preferences", "cleaned_preferences"):
+        node = _graphql(port, PARTITIONS % (asset, _json.dumps(keys)))["data"]["assetNodeOrError"]
+        assert sorted(node["partitionKeys"]) == sorted(keys)
+        for m in node["assetMaterializations"]:
+            entries = {e["label"]: e.get("intValue", e.get("text")) for e in m["metadataEntries"]}
+            seen[(asset, m["partition"])] = entries
+    for key in keys:
+        raw, cleaned = seen[("raw_preferences", key)], seen[("cleaned_preferences", key)]
+        name = raw["file_name"]
+        assert name in lines and cleaned["file_name"] == name
+        assert raw["rows"] == lines[name] and cleaned["rows_in"] == lines[name]  # this file's rows, not 88
+        assert cleaned["kept"] + cleaned["rejected"] == cleaned["rows_in"]
+    assert {seen[("raw_preferences", k)]["file_name"] for k in keys} == set(lines)
+
+
 def test_a_no_op_refresh_stays_in_sync_and_a_real_change_is_stale(deployment):
     from assets.model import base_model
+    from assets.preferences import cleaned_preferences, raw_preferences
 
     port, resources = deployment["dagster"], deployment["resources"]
 
@@ -145,6 +175,16 @@ def test_a_no_op_refresh_stays_in_sync_and_a_real_change_is_stale(deployment):
         assert dg.materialize([base_model], resources=resources, instance=instance,
                               run_config={"ops": {"base_model": RUN_CONFIG["ops"]["base_model"]}}).success
         assert {a: staleness()[a] for a in downstream} == dict.fromkeys(downstream, "FRESH")
+        # a preference file read and cleaned again with the same settings: still in sync; other cleaning settings
+        # (another eval split) are a real change
+        key = instance.get_dynamic_partitions("preference_files")[0]
+        assert dg.materialize([raw_preferences, cleaned_preferences], resources=resources, instance=instance,
+                              partition_key=key).success
+        assert {a: staleness()[a] for a in downstream} == dict.fromkeys(downstream, "FRESH")
+        assert dg.materialize([cleaned_preferences], resources=resources, instance=instance, partition_key=key,
+                              run_config={"ops": {"cleaned_preferences": {"config": {"eval_fraction": 0.3}}}}).success
+        assert staleness()["tokenized_dataset"] == "STALE"
+        assert dg.materialize([cleaned_preferences], resources=resources, instance=instance, partition_key=key).success
         # other bytes: a copy of the model with one changed file
         changed = deployment["tmp"] / "changed-model"
         shutil.copytree(Path(deployment["result"].output_for_node("base_model")["path"]), changed)
