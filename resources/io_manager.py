@@ -39,6 +39,14 @@ class ArtifactHandleIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext):
         key = context.asset_key
         partition = context.asset_partition_key if context.has_asset_partitions else None
+        # the handle written by this run, or by the run it re-executes: with several runs at once, the latest
+        # materialization may be another run's (two runs' merges, each reading the other's adapter)
+        run = context.instance.get_run_by_id(context.step_context.run_id)
+        while run is not None:
+            own = self._handle_path(key, run.run_id, partition)
+            if own.is_file():
+                return json.loads(own.read_text())
+            run = context.instance.get_run_by_id(run.parent_run_id) if run.parent_run_id else None
         event = context.instance.get_latest_materialization_event(key) if partition is None else next(
             iter(context.instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records), None)

@@ -91,3 +91,61 @@ def test_moved_alias_with_other_settings_keeps_the_champion(tmp_path):
                 seen_champion_score=None, lock_path=tmp_path / "champion.lock")
     assert not d.promoted and "settings digest" in d.reason and d.champion_source == "not comparable"
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == v1
+
+
+def test_three_concurrent_dagster_runs_leave_the_alias_on_the_best(tmp_path):
+    """Three real processes, each a Dagster run of champion_promotion on one instance (pool `champion`), deciding
+    at once: the alias ends on the best version, every run succeeds (its check too), and each version's tags say
+    what it was compared with."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import dagster as dg
+
+    root = Path(__file__).resolve().parents[1]
+    home, state, barrier = tmp_path / "dagster_home", tmp_path / "state", tmp_path / "barrier"
+    for d in (home, state, barrier):
+        d.mkdir()
+    shutil.copy(root / "dagster_home" / "dagster.yaml", home)
+    with dg.DagsterInstance.from_config(str(home)):
+        pass  # create the stores once, before three processes would migrate them at once
+    tracking = MlflowResource(state_dir=str(state), registered_model_name=NAME)
+    scores = [0.65, 0.75, 0.55]
+    versions = _versions(tracking, scores)
+    client = tracking.client()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "ORPO_PIPELINE_HOME": str(state), "PYTHONPATH": str(root)}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.promotion_run", v, str(s),
+                               client.get_model_version(NAME, v).run_id, str(barrier), str(len(versions))],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for v, s in zip(versions, scores)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+
+    best = versions[scores.index(max(scores))]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == best
+    by_score = dict(zip(versions, scores))
+    compared = {}
+    for v in versions:
+        tags = client.get_model_version(NAME, v).tags
+        champion = tags["champion_gate.champion_version"]
+        compared[v] = champion
+        if champion != "none":
+            assert float(tags["champion_gate.champion_score"]) == pytest.approx(by_score[champion], abs=1e-4)
+            assert (tags["champion_gate.decision"] == "promoted") == (by_score[v] >= by_score[champion])
+    assert list(compared.values()).count("none") == 1  # exactly one decided with no champion yet
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_runs()
+        assert len(runs) == 3 and {r.status.value for r in runs} == {"SUCCESS"}
+        checks = [e for r in runs for e in instance.all_logs(r.run_id)
+                  if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"]
+        assert len(checks) == 3 and all(e.dagster_event.event_specific_data.passed for e in checks)
+        # each run decided on its own version's score, not on another run's benchmark (the IO manager reads the
+        # handle its own run wrote)
+        for r in runs:
+            mats = [e for e in instance.all_logs(r.run_id) if e.dagster_event
+                    and e.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
+                    and e.dagster_event.asset_key == dg.AssetKey("champion_promotion")]
+            assert mats[0].dagster_event.materialization.metadata["challenger_version"].value == r.tags["test.version"]
