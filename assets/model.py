@@ -3,6 +3,8 @@
 
 import hashlib
 import json
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -114,8 +116,9 @@ def orpo_adapter(
 ) -> dg.Output[dict]:
     """LoRA adapter trained with ORPO (TRL) on the tokenized train split; metrics stream to MLflow.
 
-    Checkpoints go to <storage root>/checkpoints/<key> (key: tokenized data, base model, settings): re-executing a
-    failed run resumes the same training there, and the folder is deleted once the adapter is saved.
+    Checkpoints go to the storage root's checkpoints/ folder, one subfolder per key (tokenized data, base model,
+    settings): re-executing a failed run resumes the same training there; the subfolder is deleted once the
+    adapter is saved.
     """
     import mlflow
 
@@ -199,6 +202,15 @@ def orpo_adapter(
                      data_version=dg.DataVersion(digest))
 
 
+@contextmanager
+def _removed_on_failure(folder: Path):
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 @dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, code_version=CODE_VERSIONS["merged_model"])
 def merged_model(
     context: dg.AssetExecutionContext,
@@ -226,7 +238,8 @@ def merged_model(
     merge_adapter(Path(base_model["path"]), Path(orpo_adapter["dir"]), out, card=card)
     run_id = orpo_adapter["mlflow_run_id"]
     mlflow_tracking.client()
-    with mlflow.start_run(run_id=run_id):
+    # a failed registration (disk full, server gone) leaves no merged folder that nothing points at
+    with _removed_on_failure(out), mlflow.start_run(run_id=run_id):
         version = log_merged_model(out, mlflow_tracking.registered_model_name, tags={
             "dagster.run_id": context.run.run_id,
             "dagster.asset": context.asset_key.to_user_string(),

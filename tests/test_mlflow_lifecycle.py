@@ -84,3 +84,36 @@ def test_a_failing_training_step_ends_its_run_failed_and_orphans_are_closed_by_t
         assert "FAILURE" in client.get_run(run.info.run_id).data.tags["orpo.orphaned"]
         assert client.get_logged_model(model.model_id).status == LoggedModelStatus.FAILED
         assert not [r for r in _runs(tracking) if r.info.status == "RUNNING"]
+
+
+def test_a_failed_registration_leaves_no_pending_model_no_running_run_and_no_merged_folder(state):
+    """A write that fails while MLflow copies the merged weights (here: a file where its models folder must go,
+    a real OS error, as a full disk gives one): the step fails, its run is FAILED, the LoggedModel MLflow left
+    PENDING is FAILED at once, and the merged folder nothing points at is gone."""
+    from urllib.parse import urlparse
+
+    from mlflow.entities import LoggedModelStatus
+
+    resources = _resources(state)
+    tracking = resources["mlflow_tracking"]
+    client = tracking.client()
+    location = Path(urlparse(client.get_experiment(tracking.experiment_id()).artifact_location).path)
+    location.mkdir(parents=True, exist_ok=True)
+    (location / "models").write_text("a file where MLflow's models folder would go")
+    run_config = {"ops": {
+        "base_model": {"config": {"base_model": "tiny-random-llama"}},
+        "tokenized_dataset": {"config": {"max_length": 112}},
+        "orpo_adapter": {"config": {"max_steps": 1}},
+    }}
+    upto_merge = [a for a in all_assets if a.key.to_user_string() in {
+        "raw_preferences", "cleaned_preferences", "tokenized_dataset", "base_model", "orpo_adapter", "merged_model"}]
+    with dg.instance_for_test() as instance:
+        _, keys = register_files(instance, [SAMPLE_DATA_DIR / "factual.jsonl"], resources["storage"].sources_path)
+        result = dg.materialize(upto_merge, resources=resources, run_config=run_config, instance=instance,
+                                tags=range_tags(keys), raise_on_error=False)
+    assert [e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"] == ["merged_model"]
+    assert {r.info.status for r in _runs(tracking)} == {"FAILED"}
+    models = client.search_logged_models([tracking.experiment_id()])
+    assert models and {m.status for m in models} == {LoggedModelStatus.FAILED}
+    merged = state / "artifacts" / "merged_model"
+    assert not [p for p in merged.iterdir() if p.is_dir()] if merged.is_dir() else True

@@ -43,22 +43,38 @@ def version_description(card: dict, dagster_run_id: str) -> str:
             "benchmark_scores; the champion decision: `champion_gate.*` tags.")
 
 
+def fail_pending_models(run_id: str) -> None:
+    """MLflow leaves a LoggedModel PENDING when log_model raises (a full disk while copying the weights): mark
+    this run's FAILED now, rather than when the next run finds it."""
+    from mlflow.entities import LoggedModelStatus
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(run_id).info.experiment_id
+    for model in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
+        if model.status == LoggedModelStatus.PENDING:
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+
+
 def log_merged_model(model_dir: Path, registered_name: str, tags: dict[str, str] | None = None,
                      description: str = "") -> str:
     """Log into the active run, register a new version, return its number."""
     import transformers
     import torch
 
-    info = mlflow.pyfunc.log_model(
-        name="merged_model",
-        python_model=MergedChatModel(),
-        signature=signature(),
-        artifacts={"model": str(model_dir)},
-        pip_requirements=[f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-                          "orpo_pipeline"],
-        registered_model_name=registered_name,
-        tags=tags,
-    )
+    try:
+        info = mlflow.pyfunc.log_model(
+            name="merged_model",
+            python_model=MergedChatModel(),
+            signature=signature(),
+            artifacts={"model": str(model_dir)},
+            pip_requirements=[f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                              "orpo_pipeline"],
+            registered_model_name=registered_name,
+            tags=tags,
+        )
+    except BaseException:
+        fail_pending_models(mlflow.active_run().info.run_id)
+        raise
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     for k, v in (tags or {}).items():
