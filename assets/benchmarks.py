@@ -140,7 +140,7 @@ def lm_eval_scores(
         metadata["errors"] = dg.MetadataValue.json(errors)
     for m in ("base", "tuned"):
         if "nous/average" in scores[m]:
-            metadata[f"{m}_nous_average"] = scores[m]["nous/average"]
+            metadata[f"{m}_nous_average"] = round(scores[m]["nous/average"], 4)
     context.add_output_metadata(metadata)
     return {"scores": scores, "stderr": stderr, "skipped": task_plan.skipped, "errors": errors,
             "settings_digest": digest, "model_version": version, "mlflow_run_id": run_id,

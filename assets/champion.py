@@ -55,7 +55,7 @@ def champion_promotion(
         "reason": d.reason,
         "metric": metric,
         "challenger_version": version,
-        "challenger_score": score,
+        "challenger_score": round(score, 4),
         "champion_version": d.champion_version or "none",
         "champion_score_source": d.champion_source,
         "tolerance": tolerance,
@@ -64,7 +64,7 @@ def champion_promotion(
         "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(benchmark_scores["mlflow_run_id"])),
     }
     if d.champion_score is not None:  # no champion: no score, rather than a made-up one
-        metadata["champion_score"] = d.champion_score
+        metadata["champion_score"] = round(d.champion_score, 4)
     context.add_output_metadata(metadata)
     return {"promoted": d.promoted, "reason": d.reason, "metric": metric, "version": version,
             "champion_version": d.champion_version, "champion_now": d.alias_now}

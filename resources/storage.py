@@ -26,7 +26,7 @@ class StorageResource(dg.ConfigurableResource):
     """Root folder for artifacts, the model cache and the default MLflow store."""
 
     root: str = Field(default_factory=default_state_dir, description="State directory (env ORPO_PIPELINE_HOME).")
-    drop_dir: str = Field(default="", description="Folder watched for new preference files. Empty: <root>/drops.")
+    drop_dir: str = Field(default="", description="Folder watched for new preference files. Empty: drops/ under root.")
     allow_symlinks: bool = Field(default=False, description="Register preference files that are symbolic links "
                                  "(in the drop folder, --data-dir or `cli register`); refused by default, since a "
                                  "link can point anywhere (/etc/passwd).")

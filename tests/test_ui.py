@@ -32,7 +32,8 @@ RUN_CONFIG = {"ops": {
     "benchmark_scores": {"config": {"max_eval_pairs": 8, "max_new_tokens": 4, "generation_prompts": ["Hi"]}},
 }}
 MATERIALIZATIONS = """{ assetNodes { assetKey { path } assetMaterializations(limit: 1) { runId
-  metadataEntries { label __typename ... on PathMetadataEntry { path } ... on UrlMetadataEntry { url } } } } }"""
+  metadataEntries { label __typename ... on PathMetadataEntry { path } ... on UrlMetadataEntry { url }
+  ... on FloatMetadataEntry { floatValue } } } } }"""
 STALENESS = "{ assetNodes { assetKey { path } staleStatus staleCauses { reason category } } }"
 
 
@@ -157,6 +158,14 @@ def test_each_partition_page_shows_its_own_files_counts(deployment):
         assert raw["rows"] == lines[name] and cleaned["rows_in"] == lines[name]  # this file's rows, not 88
         assert cleaned["kept"] + cleaned["rejected"] == cleaned["rows_in"]
     assert {seen[("raw_preferences", k)]["file_name"] for k in keys} == set(lines)
+
+
+def test_numbers_in_metadata_are_rounded(deployment):
+    """What a user reads on an asset page: 0.7213, not 0.7213114500045776."""
+    long = {(asset, label): e["floatValue"] for asset, entries in _latest_metadata(deployment["dagster"]).items()
+            for label, e in entries.items() if e["__typename"] == "FloatMetadataEntry"
+            and e["floatValue"] is not None and round(e["floatValue"], 4) != e["floatValue"]}
+    assert not long, long
 
 
 def test_a_no_op_refresh_stays_in_sync_and_a_real_change_is_stale(deployment):
