@@ -155,8 +155,9 @@ def worker_stock(model_dir: Path, n: int, out: Path) -> dict:
             "pairs_with_an_empty_completion": empty, "history": history}
 
 
-def train_both(model_dir: Path, n: int, work: Path) -> dict:
-    """Both sides in their own subprocess at once (on a shared machine two at a time finish sooner)."""
+def train_both(model_dir: Path, n: int, work: Path, parallel: bool = False) -> dict:
+    """Each side in its own subprocess: one after the other (two at once on 2 cores oversubscribe the CPU, each
+    step ~10x slower), or both at once with --parallel (on a machine with cores to spare)."""
     procs = {}
     for side in ("ours", "stock"):
         if (work / f"{side}.json").is_file() and (work / f"{side}-merged" / "config.json").is_file():
@@ -166,6 +167,8 @@ def train_both(model_dir: Path, n: int, work: Path) -> dict:
         procs[side] = subprocess.Popen([sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir),
                                         "--pairs", str(n), "--work", str(work), "--max-length", str(MAX_LENGTH)],
                                        cwd=ROOT, stdout=open(work / f"{side}.log", "w"), stderr=subprocess.STDOUT)
+        if not parallel and procs[side].wait() != 0:
+            raise SystemExit(f"{side} worker failed with exit code {procs[side].returncode}; see {work / (side + '.log')}")
     for side, proc in procs.items():
         if proc.wait() != 0:
             raise SystemExit(f"{side} worker failed with exit code {proc.returncode}; see {work / (side + '.log')}")
@@ -225,6 +228,7 @@ def main() -> None:
     ap.add_argument("--eval-pairs", type=int, default=200, help="held-out pairs of eval.jsonl scored per model")
     ap.add_argument("--worker", choices=["ours", "stock"])
     ap.add_argument("--stage", choices=["all", "train"], default="all")
+    ap.add_argument("--parallel", action="store_true", help="train both sides at once (default: one after the other)")
     ap.add_argument("--model", default="smollm2-135m-instruct",
                     help="base model name for resolve_base_model (tiny-random-llama: a smoke run of this script)")
     a = ap.parse_args()
@@ -238,7 +242,7 @@ def main() -> None:
 
     base = resolve_base_model(a.model, work / "models")
     started = utc_now()
-    train = train_both(base, a.pairs, work)
+    train = train_both(base, a.pairs, work, a.parallel)
     if a.stage == "train":
         return
     models = {"base": base, "ours": work / "ours-merged", "stock": work / "stock-merged"}
