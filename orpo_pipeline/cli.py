@@ -157,14 +157,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _output(instance, node: str) -> dict:
     """An asset's latest output, from the handle its IO manager stored (also for steps a re-execution skipped)."""
-    import json
-
     import dagster as dg
 
-    from resources.io_manager import HANDLE
+    from resources.io_manager import latest_handle
 
-    event = instance.get_latest_materialization_event(dg.AssetKey(node))
-    return json.loads(Path(event.asset_materialization.metadata[HANDLE].value).read_text())
+    return latest_handle(instance, dg.AssetKey(node))
 
 
 def _report(instance, result) -> int:

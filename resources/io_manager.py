@@ -47,14 +47,19 @@ class ArtifactHandleIOManager(dg.ConfigurableIOManager):
             if own.is_file():
                 return json.loads(own.read_text())
             run = context.instance.get_run_by_id(run.parent_run_id) if run.parent_run_id else None
-        event = context.instance.get_latest_materialization_event(key) if partition is None else next(
-            iter(context.instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records), None)
-        materialization = event.asset_materialization if event is not None else None
-        entry = materialization.metadata.get(HANDLE) if materialization is not None else None
-        if entry is None:
-            raise dg.Failure(f"{key.to_user_string()} has no stored handle: materialize it first")
-        path = Path(entry.value)
-        if not path.is_file():
-            raise dg.Failure(f"{key.to_user_string()}'s handle {path} is gone: materialize it again")
-        return json.loads(path.read_text())
+        return latest_handle(context.instance, key, partition)
+
+
+def latest_handle(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> dict:
+    """The handle of an asset's (or one partition's) latest materialization."""
+    event = instance.get_latest_materialization_event(key) if partition is None else next(
+        iter(instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records), None)
+    materialization = event.asset_materialization if event is not None else None
+    entry = materialization.metadata.get(HANDLE) if materialization is not None else None
+    if entry is None:
+        raise dg.Failure(f"{key.to_user_string()} has no stored handle: materialize it first")
+    path = Path(entry.value)
+    if not path.is_file():
+        raise dg.Failure(f"{key.to_user_string()}'s handle {path} is gone: materialize it again")
+    return json.loads(path.read_text())
